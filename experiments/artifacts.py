@@ -1,0 +1,183 @@
+"""File I/O shared by every pipeline step: atomic writes and checked artifact loaders.
+
+Every per-item array in a run folder is aligned to one saved movieId array. Loaders here check
+length, dtype and ids, and raise `ArtifactError` naming the file and the script that re-creates it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, malformed or misaligned; the message says which file and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Atomic writes: write to a temporary name in the same folder, fsync, then rename over the target.
+# A kill at any moment leaves either the old file or the new one, never a partial one.
+# ----------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Save one array atomically (`np.save` to a temp name, then rename)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Save several arrays atomically into one uncompressed `.npz`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def save_json(path: str | os.PathLike, obj) -> None:
+    """Save JSON atomically, indented, keys in insertion order."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def save_text(path: str | os.PathLike, text: str) -> None:
+    """Save a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def load_json(path: str | os.PathLike, producer: str) -> dict:
+    """Read a JSON artifact, or raise an ArtifactError saying which script writes it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: run {producer} first.")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run folder written by experiments/02_prepare_interactions.py
+# ----------------------------------------------------------------------------------------------------
+
+PREPARE_SCRIPT = "experiments/02_prepare_interactions.py (make prepare)"
+ITEMS_FILE = "items.csv"
+ITEM_IDS_FILE = "item_ids.npy"
+INTERACTIONS_FILE = "interactions.npz"
+STATS_FILE = "stats.json"
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """User histories in CSR form, each in time order.
+
+    user_ids:   (U,) int64, raw MovieLens userId of each user row.
+    offsets:    (U+1,) int64, user u's events are [offsets[u], offsets[u+1]).
+    item_index: (E,) int32, row in items.csv / item_ids.npy (0-based) of each event.
+    timestamps: (E,) int64, unix seconds.
+    ratings:    (E,) float32.
+    """
+
+    user_ids: np.ndarray
+    offsets: np.ndarray
+    item_index: np.ndarray
+    timestamps: np.ndarray
+    ratings: np.ndarray
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    def history(self, user_row: int) -> np.ndarray:
+        """Item rows of one user, oldest first."""
+        return self.item_index[self.offsets[user_row]:self.offsets[user_row + 1]]
+
+
+def load_item_ids(run: str | os.PathLike) -> np.ndarray:
+    """The (N,) int64 movieId array that every per-item artifact of this run is aligned to."""
+    path = Path(run) / ITEM_IDS_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: run {PREPARE_SCRIPT} first.")
+    ids = np.load(path)
+    if ids.dtype != np.int64 or ids.ndim != 1:
+        raise ArtifactError(f"{path} must be a 1-d int64 movieId array, got {ids.dtype} {ids.shape}: "
+                            f"re-run {PREPARE_SCRIPT}.")
+    return ids
+
+
+def load_items(run: str | os.PathLike) -> pd.DataFrame:
+    """The item table: one row per movie of movies.csv, sorted by movieId.
+
+    Columns: movieId (int64), tmdbId (Int64, <NA> when links.csv has none), imdbId (Int64),
+    title (str), year (Int64, <NA> when the title has no '(YYYY)'), genres (str, '|'-joined,
+    '(no genres listed)' kept verbatim).
+    """
+    path = Path(run) / ITEMS_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: run {PREPARE_SCRIPT} first.")
+    items = pd.read_csv(path, dtype={"movieId": "int64", "tmdbId": "Int64", "imdbId": "Int64",
+                                     "title": "string", "year": "Int64", "genres": "string"},
+                        keep_default_na=False, na_values={"tmdbId": [""], "imdbId": [""], "year": [""]})
+    check_aligned(items["movieId"].to_numpy(), load_item_ids(run), path, PREPARE_SCRIPT)
+    return items
+
+
+def load_interactions(run: str | os.PathLike) -> Interactions:
+    """User histories (see `Interactions`), checked against item_ids.npy."""
+    path = Path(run) / INTERACTIONS_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: run {PREPARE_SCRIPT} first.")
+    with np.load(path) as z:
+        inter = Interactions(**{k: z[k] for k in ("user_ids", "offsets", "item_index", "timestamps", "ratings")})
+    n_items = len(load_item_ids(run))
+    if inter.offsets[-1] != len(inter.item_index) or len(inter.offsets) != inter.n_users + 1:
+        raise ArtifactError(f"{path} has inconsistent offsets: re-run {PREPARE_SCRIPT}.")
+    if len(inter.item_index) and (inter.item_index.min() < 0 or inter.item_index.max() >= n_items):
+        raise ArtifactError(f"{path} refers to item rows outside 0..{n_items - 1} of item_ids.npy: "
+                            f"re-run {PREPARE_SCRIPT}.")
+    return inter
+
+
+def check_aligned(ids: np.ndarray, expected_ids: np.ndarray, path: str | os.PathLike, producer: str) -> None:
+    """Raise ArtifactError unless `ids` (read from `path`) equals the run's movieId array row for row."""
+    ids = np.asarray(ids)
+    if len(ids) != len(expected_ids):
+        raise ArtifactError(f"{path} has {len(ids)} rows but the run's item_ids.npy has {len(expected_ids)}: "
+                            f"it was made from another item table; re-run {producer}.")
+    mismatch = np.flatnonzero(ids != expected_ids)
+    if len(mismatch):
+        i = int(mismatch[0])
+        raise ArtifactError(f"{path} is not aligned with item_ids.npy: row {i} holds movieId {ids[i]}, "
+                            f"expected {expected_ids[i]} ({len(mismatch)} rows differ); re-run {producer}.")
