@@ -147,22 +147,50 @@ def read_ratings(data_dir: Path) -> Ratings:
 # The step
 # ----------------------------------------------------------------------------------------------------
 
+def movie_rows(item_ids: np.ndarray, movie: np.ndarray, ratings_path: Path) -> np.ndarray:
+    """Map each event's movieId to its row in the sorted `item_ids`; unknown movieIds are an error."""
+    if item_ids[-1] < 50_000_000:  # dense lookup table: one gather instead of a binary search per event
+        lookup = np.full(int(max(item_ids[-1], movie.max())) + 1, -1, dtype=np.int32)
+        lookup[item_ids] = np.arange(len(item_ids), dtype=np.int32)
+        rows = lookup[np.clip(movie, 0, None)]
+        rows[movie < 0] = -1
+    else:
+        rows = np.searchsorted(item_ids, movie).astype(np.int32)
+        rows[(rows >= len(item_ids)) | (item_ids[np.minimum(rows, len(item_ids) - 1)] != movie)] = -1
+    unknown = np.flatnonzero(rows < 0)
+    if len(unknown):
+        row = int(unknown[0])
+        raise MovieLensFormatError(f"{ratings_path}, line {row + 2}: movieId {movie[row]} is not in "
+                                   f"movies.csv ({len(unknown)} such rows). Use movies.csv from the same release.")
+    return rows
+
+
+def time_order(user: np.ndarray, timestamp: np.ndarray, item_row: np.ndarray, n_items: int) -> np.ndarray:
+    """Permutation sorting events by (userId, timestamp, item row); item rows follow movieId order.
+
+    When the three fields fit in 64 bits (ML-25M: 18 + 30 + 16 bits) they are packed into one uint64 key:
+    a single radix-friendly argsort is ~15x faster than np.lexsort over three keys on 25M events.
+    """
+    bits = [int(np.ceil(np.log2(int(v) + 1))) or 1 for v in
+            (user.max() - user.min(), timestamp.max() - timestamp.min(), n_items - 1)]
+    if sum(bits) > 64:
+        return np.lexsort((item_row, timestamp, user))
+    key = (user - user.min()).astype(np.uint64) << np.uint64(bits[1] + bits[2])
+    key |= (timestamp - timestamp.min()).astype(np.uint64) << np.uint64(bits[2])
+    key |= item_row.astype(np.uint64)
+    return np.argsort(key, kind="stable")
+
+
 def build_histories(ratings: Ratings, item_ids: np.ndarray, config: PrepareConfig, ratings_path: Path):
     """Sort events into per-user time order, map movieIds to item rows, k-core filter.
 
     Returns (user_ids, offsets, item_index, timestamps, rating, n_dropped_users, n_dropped_events).
     Ties in timestamp are broken by movieId ascending, so the order is a pure function of the data.
     """
-    item_index = np.searchsorted(item_ids, ratings.movie)
-    unknown = np.flatnonzero((item_index >= len(item_ids)) |
-                             (item_ids[np.minimum(item_index, len(item_ids) - 1)] != ratings.movie))
-    if len(unknown):
-        row = int(unknown[0])
-        raise MovieLensFormatError(f"{ratings_path}, line {row + 2}: movieId {ratings.movie[row]} is not in "
-                                   f"movies.csv ({len(unknown)} such rows). Use movies.csv from the same release.")
-    order = np.lexsort((ratings.movie, ratings.timestamp, ratings.user))
+    item_index = movie_rows(item_ids, ratings.movie, ratings_path)
+    order = time_order(ratings.user, ratings.timestamp, item_index, len(item_ids))
     user = ratings.user[order]
-    item_index = item_index[order].astype(np.int32)
+    item_index = item_index[order]
     timestamp = ratings.timestamp[order]
     # After the sort, duplicates of (userId, movieId, timestamp) are adjacent.
     same = (user[1:] == user[:-1]) & (item_index[1:] == item_index[:-1]) & (timestamp[1:] == timestamp[:-1])
@@ -176,13 +204,11 @@ def build_histories(ratings: Ratings, item_ids: np.ndarray, config: PrepareConfi
     user_code = np.repeat(np.arange(len(user_start)), np.diff(np.r_[user_start, len(user)]))
     keep = kcore_mask(user_code, item_index, len(item_ids), config.min_user_interactions,
                       config.min_item_interactions)
-    kept_users = np.unique(user_code[keep])
-    user_ids = user[user_start][kept_users]
-    user_code, item_index, timestamp = user_code[keep], item_index[keep], timestamp[keep]
-    lengths = np.bincount(np.searchsorted(kept_users, user_code), minlength=len(kept_users))
+    kept_users = np.flatnonzero(np.bincount(user_code[keep], minlength=len(user_start)))
+    lengths = np.bincount(user_code[keep], minlength=len(user_start))[kept_users]
     offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-    return (user_ids.astype(np.int64), offsets, item_index, timestamp, ratings.rating[order][keep],
-            len(user_start) - len(kept_users), int((~keep).sum()))
+    return (user[user_start][kept_users].astype(np.int64), offsets, item_index[keep], timestamp[keep],
+            ratings.rating[order][keep], len(user_start) - len(kept_users), int((~keep).sum()))
 
 
 def sequence_stats(offsets: np.ndarray, n_items: int, item_index: np.ndarray) -> dict:

@@ -177,3 +177,13 @@ def test_ml_latest_small_statistics_and_split(tmp_path):
         train = inter.item_index[split.train_slice(u)]
         assert inter.item_index[split.test_pos[u]] not in train
         assert inter.item_index[split.valid_pos[u]] not in train
+
+
+@pytest.mark.parametrize("timestamp_span", [10**6, 2**62])  # packed uint64 key, and the lexsort fallback
+def test_time_order_equals_lexsort(timestamp_span):
+    from experiments.movielens import time_order
+    rng = np.random.default_rng(0)
+    user = rng.integers(1, 50, 5000)
+    timestamp = rng.integers(0, 40, 5000) * (timestamp_span // 40)   # many ties
+    item = rng.integers(0, 300, 5000).astype(np.int32)
+    np.testing.assert_array_equal(time_order(user, timestamp, item, 300), np.lexsort((item, timestamp, user)))
