@@ -51,6 +51,32 @@ def _require_file(data_dir: Path, name: str) -> Path:
     return path
 
 
+# ml-1m (and ml-10m) ship '::'-separated .dat files without a header or links.csv.
+DAT_COLUMNS = {"movies": ["movieId", "title", "genres"], "ratings": ["userId", "movieId", "rating", "timestamp"]}
+
+
+def _locate(data_dir: Path, stem: str) -> Path:
+    """`<stem>.csv`, or the older `<stem>.dat` format when only that exists."""
+    csv_path, dat_path = data_dir / f"{stem}.csv", data_dir / f"{stem}.dat"
+    if not csv_path.is_file() and dat_path.is_file():
+        return dat_path
+    return _require_file(data_dir, csv_path.name)
+
+
+def _read_table(path: Path, column_types: dict[str, pa.DataType]) -> pa.Table:
+    """Read a MovieLens CSV, or a '::'-separated .dat file (latin-1), checking columns and types."""
+    if path.suffix != ".dat":
+        return _read_csv(path, column_types)
+    text = path.read_bytes().decode("latin-1").replace("::", "\t").encode()
+    try:
+        return pacsv.read_csv(pa.BufferReader(text), read_options=pacsv.ReadOptions(
+            column_names=DAT_COLUMNS[path.stem]), parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+            convert_options=pacsv.ConvertOptions(column_types=column_types, include_columns=list(column_types)))
+    except pa.ArrowInvalid as err:
+        raise MovieLensFormatError(f"{path}: not a valid '::'-separated MovieLens file ({err}). Re-extract it "
+                                   "from the release zip.") from None
+
+
 def _read_csv(path: Path, column_types: dict[str, pa.DataType]) -> pa.Table:
     """Read `path` with pyarrow, checking the header and the type of every column we need."""
     header = _header(path)
@@ -94,9 +120,8 @@ def read_movies(data_dir: Path) -> pd.DataFrame:
 
     Columns: movieId int64, tmdbId Int64, imdbId Int64, title string, year Int64, genres string.
     """
-    movies_path = _require_file(data_dir, "movies.csv")
-    links_path = _require_file(data_dir, "links.csv")
-    movies = _read_csv(movies_path, {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()}).to_pandas()
+    movies_path = _locate(data_dir, "movies")
+    movies = _read_table(movies_path, {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()}).to_pandas()
     if movies.empty:
         raise MovieLensFormatError(f"{movies_path} has no rows.")
     dup = movies["movieId"].duplicated()
@@ -104,13 +129,26 @@ def read_movies(data_dir: Path) -> pd.DataFrame:
         row = int(np.flatnonzero(dup.to_numpy())[0])
         raise MovieLensFormatError(f"{movies_path}, line {row + 2}: movieId {movies['movieId'].iloc[row]} appears "
                                    "twice. Each movie must have exactly one row.")
-    links = _read_csv(links_path, {"movieId": pa.int64(), "imdbId": pa.int64(), "tmdbId": pa.int64()}).to_pandas()
-    links = links.drop_duplicates("movieId").astype({"imdbId": "Int64", "tmdbId": "Int64"})
+    links = read_links(data_dir, movies_path)
+
     items = movies.merge(links, on="movieId", how="left").sort_values("movieId", kind="stable")
     items["title"] = items["title"].astype("string").str.strip()
     items["genres"] = items["genres"].astype("string")
     items["year"] = pd.to_numeric(items["title"].str.extract(_YEAR_RE, expand=False), errors="coerce").astype("Int64")
     return items[["movieId", "tmdbId", "imdbId", "title", "year", "genres"]].reset_index(drop=True)
+
+
+def read_links(data_dir: Path, movies_path: Path) -> pd.DataFrame:
+    """links.csv (movieId, imdbId, tmdbId). Releases in .dat format have none: ids are then unknown, said loudly."""
+    links_path = data_dir / "links.csv"
+    if movies_path.suffix == ".dat" and not links_path.is_file():
+        log.warning("%s has no links.csv (a .dat release such as ml-1m): tmdbId/imdbId are unknown, so posters "
+                    "cannot be downloaded by TMDB id for it.", data_dir)
+        return pd.DataFrame({"movieId": pd.Series([], dtype="int64"), "imdbId": pd.Series([], dtype="Int64"),
+                             "tmdbId": pd.Series([], dtype="Int64")})
+    links = _read_csv(_require_file(data_dir, "links.csv"),
+                      {"movieId": pa.int64(), "imdbId": pa.int64(), "tmdbId": pa.int64()}).to_pandas()
+    return links.drop_duplicates("movieId").astype({"imdbId": "Int64", "tmdbId": "Int64"})
 
 
 @dataclass(frozen=True)
@@ -125,11 +163,11 @@ class Ratings:
 
 def read_ratings(data_dir: Path) -> Ratings:
     """ratings.csv as numpy columns, with ratings range-checked."""
-    path = _require_file(data_dir, "ratings.csv")
+    path = _locate(data_dir, "ratings")
     if path.stat().st_size == 0 or not _header(path):
         raise MovieLensFormatError(f"{path} is empty. It needs the header userId,movieId,rating,timestamp and "
                                    "one row per rating.")
-    table = _read_csv(path, {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float32(),
+    table = _read_table(path, {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float32(),
                              "timestamp": pa.int64()})
     if table.num_rows == 0:
         raise MovieLensFormatError(f"{path} has a header but no ratings. Re-download or re-extract the release.")
@@ -230,9 +268,10 @@ def sequence_stats(offsets: np.ndarray, n_items: int, item_index: np.ndarray) ->
 
 def _source_fingerprint(data_dir: Path) -> dict:
     files = {}
-    for name in ("movies.csv", "ratings.csv", "links.csv"):
-        st = (data_dir / name).stat()
-        files[name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    for path in (_locate(data_dir, "movies"), _locate(data_dir, "ratings"), data_dir / "links.csv"):
+        if path.is_file():
+            st = path.stat()
+            files[path.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
     return files
 
 
@@ -251,8 +290,6 @@ def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_int
     stats_path = run_dir / STATS_FILE
     if stats_path.is_file() and not overwrite:
         previous = load_json(stats_path, "experiments/02_prepare_interactions.py")
-        for name in ("movies.csv", "ratings.csv", "links.csv"):
-            _require_file(data_dir, name)
         if previous.get("config") == asdict(config) and previous.get("source", {}).get("files") == \
                 _source_fingerprint(data_dir):
             log.info("%s exists for the same inputs and settings: skipping (use --overwrite to redo).", stats_path)
@@ -264,11 +301,12 @@ def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_int
     item_ids = items["movieId"].to_numpy(np.int64)
     log.info("movies.csv: %d movies (%d without tmdbId)", len(items), int(items["tmdbId"].isna().sum()))
     ratings = read_ratings(data_dir)
-    log.info("ratings.csv: %d ratings read in %.1fs", len(ratings.user), time.perf_counter() - started)
+    ratings_path = _locate(data_dir, "ratings")
+    log.info("%s: %d ratings read in %.1fs", ratings_path.name, len(ratings.user), time.perf_counter() - started)
     user_ids, offsets, item_index, timestamps, rating, dropped_users, dropped_events = build_histories(
-        ratings, item_ids, config, data_dir / "ratings.csv")
+        ratings, item_ids, config, ratings_path)
     if len(user_ids) == 0:
-        raise MovieLensFormatError(f"No user in {data_dir / 'ratings.csv'} has {min_user_interactions} or more "
+        raise MovieLensFormatError(f"No user in {ratings_path} has {min_user_interactions} or more "
                                    "ratings: lower --min-user-interactions or use a larger dataset.")
     stats = {**sequence_stats(offsets, len(item_ids), item_index),
              "dropped_users": dropped_users, "dropped_interactions": dropped_events,

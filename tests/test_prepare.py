@@ -187,3 +187,18 @@ def test_time_order_equals_lexsort(timestamp_span):
     timestamp = rng.integers(0, 40, 5000) * (timestamp_span // 40)   # many ties
     item = rng.integers(0, 300, 5000).astype(np.int32)
     np.testing.assert_array_equal(time_order(user, timestamp, item, 300), np.lexsort((item, timestamp, user)))
+
+
+def test_dat_release_without_links(tmp_path, caplog):
+    """ml-1m style: '::'-separated latin-1 .dat files, no header, no links.csv (tmdbId unknown, said loudly)."""
+    data = tmp_path / "ml-1m"
+    data.mkdir()
+    (data / "movies.dat").write_bytes("1::Toy Story (1995)::Animation|Children's\n"
+                                      "2::Café au lait (1993)::Comedy\n".encode("latin-1"))
+    (data / "ratings.dat").write_text("".join(f"7::{m}::{r}::{978300760 + t}\n"
+                                              for t, (m, r) in enumerate([(2, 5), (1, 3), (2, 4)])))
+    stats = prepare_interactions(data, tmp_path / "run", min_user_interactions=3)
+    assert (stats["users"], stats["items"], stats["interactions"]) == (1, 2, 3)
+    items = load_items(tmp_path / "run")
+    assert items["title"].tolist() == ["Toy Story (1995)", "Café au lait (1993)"]
+    assert items["tmdbId"].isna().all() and "no links.csv" in caplog.text
