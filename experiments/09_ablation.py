@@ -1,0 +1,45 @@
+"""Step 9: do posters help? Train and evaluate TIGER on several item-feature sets x seeds.
+
+    python experiments/09_ablation.py --run runs/ml_small --data ../shared/data/ml-latest-small \
+        --rqvae-config configs/rqvae_ml_small.gin --decoder-config configs/decoder_ml_small.gin \
+        --sets genres_year,text,poster,all --seeds 0,1,2
+
+Feature sets: genres_year (genres+year), text (+ tags, tag genome where present, title text with --with-text),
+poster (genres+year+poster), all. Writes <out>/ablation.md (mean ± std table), ablation.json and ablation.png.
+Needs the run prepared (step 2) and poster features extracted (step 4). Finished cells are skipped on rerun.
+"""
+import sys, pathlib
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, so `experiments`/`modules` import
+
+import argparse
+import logging
+import subprocess
+from pathlib import Path
+
+from experiments.ablation import markdown_table, run_ablation
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path, help="prepared run folder with poster_features/")
+    parser.add_argument("--data", required=True, type=Path, help="MovieLens data folder (tags, genome)")
+    parser.add_argument("--poster-features", type=Path, help="default RUN/poster_features")
+    parser.add_argument("--rqvae-config", required=True)
+    parser.add_argument("--decoder-config", required=True)
+    parser.add_argument("--sets", default="genres_year,text,poster,all", help="comma-separated feature sets")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--with-text", action="store_true", help="add the title-text block to the text/all sets")
+    parser.add_argument("--out", type=Path, help="default RUN/ablation")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        summary = run_ablation(args.run, args.data, args.poster_features or args.run / "poster_features",
+                               args.sets.split(","), [int(s) for s in args.seeds.split(",")],
+                               args.rqvae_config, args.decoder_config, args.out, args.with_text)
+    except (ValueError, subprocess.CalledProcessError) as err:
+        sys.exit(f"error: {err}")
+    print(markdown_table(summary))
+
+
+if __name__ == "__main__":
+    main()
