@@ -232,8 +232,7 @@ def _total_from_content_range(value: str) -> int | None:
 def verify_archive(path: Path, expected_md5: str | None, expected_sha256: str | None) -> dict[str, str]:
     """Check `path` against every expected digest given; return its digests. Raises on mismatch."""
     if expected_md5 is None and expected_sha256 is None:
-        raise DownloadError(f"no official checksum is known for {path.name}: the server has no .md5 file and "
-                            f"none is embedded. Pass --sha256 <hex> to verify it against a digest you trust.")
+        raise _no_checksum_error(path.name)
     digests = file_digests(path)
     for kind, expected in (("md5", expected_md5), ("sha256", expected_sha256)):
         if expected is not None and digests[kind] != expected.lower():
@@ -243,6 +242,12 @@ def verify_archive(path: Path, expected_md5: str | None, expected_sha256: str | 
 
 class _ChecksumMismatch(DownloadError):
     """The archive's digest differs from the official one."""
+
+
+def _no_checksum_error(zip_name: str) -> DownloadError:
+    """The error for an archive that nothing official can verify."""
+    return DownloadError(f"no official checksum is known for {zip_name}: the server has no .md5 file and "
+                         f"none is embedded. Pass --sha256 <hex> to verify it against a digest you trust.")
 
 
 def _safe_members(archive: zipfile.ZipFile, top: str) -> list[zipfile.ZipInfo]:
@@ -361,6 +366,8 @@ def fetch_movielens(name: str = DEFAULT_RELEASE, dest: str | os.PathLike = "data
         # published md5 is the only official reference, so it is fetched (and needs the network).
         if downloaded or expected_sha256 is None:
             expected_md5 = fetch_official_md5(session, url, retry, timeout)
+        if expected_md5 is None and expected_sha256 is None:  # fail before downloading what cannot be verified
+            raise _no_checksum_error(zip_path.name)
         if downloaded:
             _with_retries(lambda: download_with_resume(session, url, part, timeout), retry)
             source = part
@@ -370,14 +377,18 @@ def fetch_movielens(name: str = DEFAULT_RELEASE, dest: str | os.PathLike = "data
         digests = verify_archive(source, expected_md5, expected_sha256)
     except _TransientError as exc:
         kept = (f"The partial download {part} is kept and the next run resumes it. " if part.exists() else "")
+        if not downloaded:  # only the .md5 was needed: the zip is there, it cannot be checked offline
+            kept = f"To check the zip placed at {zip_path} offline, pass --sha256 <hex> of a digest you trust. "
         raise DownloadError(f"could not download {url} ({exc}). {kept}{manual_instructions(release, url, dest, expected_md5, expected_sha256)}"
                             ) from exc
     except _ChecksumMismatch as exc:
         if downloaded:
             part.unlink(missing_ok=True)  # a corrupt .part must not be resumed
-        raise DownloadError(f"checksum mismatch: {exc}. The {'download was deleted' if downloaded else 'zip was kept'}; "
-                            f"rerun to download again. {manual_instructions(release, url, dest, expected_md5, expected_sha256)}"
-                            ) from exc
+            what = "The download was deleted; rerun to download it again."
+        else:  # a hand-placed zip is the user's: keep it, but a rerun would reuse it, so say to remove it
+            what = f"The zip placed by hand was kept: delete {zip_path} and rerun to download it again."
+        raise DownloadError(f"checksum mismatch: {exc}. {what} "
+                            f"{manual_instructions(release, url, dest, expected_md5, expected_sha256)}") from exc
     if downloaded:
         os.replace(part, zip_path)
     log.info("verified %s (sha256 %s)", zip_path.name, digests["sha256"])

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 import requests
 from PIL import Image
@@ -53,7 +54,6 @@ DEFAULT_API_BASE = "https://api.themoviedb.org"
 DEFAULT_IMAGE_BASE = "https://image.tmdb.org/t/p"
 DEFAULT_IMAGE_SIZE = "w500"
 SUMMARY_FILE = "_summary.json"  # written inside the posters folder; not a poster (no movieId name)
-PERMANENT_REASONS = ("no_tmdb_id", "no_poster_path", "not_found")  # retrying cannot help without new data
 
 
 class InvalidKeyError(RuntimeError):
@@ -460,7 +460,10 @@ class PosterDownloader:
         if target.exists() and not self.overwrite:
             if is_valid_poster(target):
                 return "skipped_existing"
-            log.warning("%s does not decode; downloading it again", target)
+            # delete it now: if the new download fails, the log line must not be dropped by compact()
+            # (which treats any file on disk as a poster), and no undecodable file may stay behind
+            log.warning("%s does not decode; deleting it and downloading it again", target)
+            target.unlink(missing_ok=True)
         try:
             if movie.tmdb_id is None:
                 raise _Failure("no_tmdb_id")
@@ -621,6 +624,11 @@ def download_posters(data: str | os.PathLike, credentials: TmdbCredentials, *, p
     data = Path(data)
     posters = Path(posters) if posters is not None else data / "posters"
     settings = settings or DownloadSettings()
+    # requests calls a schemeless URL a RequestException, which would be retried as a connection error
+    for flag, url, default in (("--api-base", settings.api_base, DEFAULT_API_BASE),
+                               ("--image-base", settings.image_base, DEFAULT_IMAGE_BASE)):
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            raise ValueError(f"{flag} {url!r} is not an http(s) URL; use one like {default}.")
     links = read_links(data / "links.csv")[:limit]
     posters.mkdir(parents=True, exist_ok=True)
     stray = remove_stray_temp_files(posters)
@@ -665,5 +673,5 @@ def _finish(summary: RunSummary, posters: Path, failure_log: FailureLog, setting
     save_json(posters / SUMMARY_FILE, report)
     log.info("posters: %d downloaded, %d already on disk, %d known failures skipped, %d not found, %d failed %s%s",
              summary.downloaded, summary.skipped_existing, summary.skipped_known_failure, summary.not_found,
-             summary.failed, dict(summary.failures_by_reason), " (STOPPED: invalid API key)" if summary.stopped else "")
+             summary.failed, dict(summary.failures_by_reason), f" (STOPPED: {summary.stopped})" if summary.stopped else "")
     return report

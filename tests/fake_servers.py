@@ -13,6 +13,7 @@ import collections
 import hashlib
 import io
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,13 @@ INVALID_API_KEY = {"status_message": "Invalid API key: You must be granted a val
                    "success": False, "status_code": 7}
 RESOURCE_NOT_FOUND = {"status_message": "The resource you requested could not be found.", "status_code": 34}
 HTML_PAGE = b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body>cdn error</body></html>"
+
+
+def closed_port_url() -> str:
+    """A base URL on 127.0.0.1 where nothing listens (a port just bound and released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def make_jpeg(seed: int, size: tuple[int, int] = (24, 36)) -> bytes:

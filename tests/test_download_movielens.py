@@ -5,14 +5,13 @@ import hashlib
 import importlib.util
 import io
 import logging
-import socket
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from experiments.download import (MARKER_FILE, ML25M_FILE_SHA256, ML25M_ZIP_SHA256, DownloadError, RetryPolicy, fetch_movielens)
-from tests.fake_servers import FakeMovieLensServer
+from tests.fake_servers import FakeMovieLensServer, closed_port_url
 
 NAME = "ml-latest-small"
 FAST = RetryPolicy(retries=2, base_seconds=0.01)
@@ -36,14 +35,6 @@ def make_zip(files: dict[str, bytes], top: str = NAME) -> bytes:
         for name, data in files.items():
             archive.writestr(f"{top}/{name}", data)
     return buffer.getvalue()
-
-
-def closed_port_url() -> str:
-    """A base URL on 127.0.0.1 where nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def assert_release_extracted(dest: Path) -> None:
@@ -145,6 +136,7 @@ def test_embedded_or_given_sha256_is_checked_too(tmp_path):
         assert list(tmp_path.iterdir()) == []
         with pytest.raises(DownloadError, match="no official checksum"):
             fetch_movielens(NAME, tmp_path, base_url=server.url, retry=FAST)
+        assert len(server.zip_requests()) == 1, "what nothing can verify is not downloaded at all"
         fetch_movielens(NAME, tmp_path, base_url=server.url, sha256=hashlib.sha256(archive).hexdigest(), retry=FAST)
     assert_release_extracted(tmp_path)
 
@@ -164,6 +156,11 @@ def test_zip_placed_by_hand_is_verified_and_extracted_offline(tmp_path):
     (tmp_path / f"{NAME}.zip").write_bytes(archive)
     fetch_movielens(NAME, tmp_path, base_url=closed_port_url(), sha256=hashlib.sha256(archive).hexdigest())
     assert (tmp_path / f"{NAME}.zip").read_bytes() == archive, "a hand-placed zip is the user's: keep it"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / f"{NAME}.zip").write_bytes(archive)
+    with pytest.raises(DownloadError, match="pass --sha256"):  # no sha256 and offline: the md5 is unreachable
+        fetch_movielens(NAME, other, base_url=closed_port_url(), retry=NO_RETRY)
     assert {p.name for p in (tmp_path / NAME).iterdir()} == set(release_files()) | {MARKER_FILE}
 
 
@@ -182,6 +179,15 @@ def test_ml25m_archive_must_match_the_embedded_official_sha256(tmp_path):
         with pytest.raises(DownloadError, match=ML25M_ZIP_SHA256):
             fetch_movielens("ml-25m", tmp_path, base_url=server.url, retry=FAST)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_zip_placed_by_hand_with_wrong_checksum_is_kept_and_named(tmp_path):
+    archive = make_zip(release_files())
+    (tmp_path / f"{NAME}.zip").write_bytes(archive)
+    with pytest.raises(DownloadError, match="checksum mismatch") as info:
+        fetch_movielens(NAME, tmp_path, base_url=closed_port_url(), sha256="0" * 64)
+    assert f"delete {tmp_path / (NAME + '.zip')} and rerun" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{NAME}.zip"]
 
 
 def test_archive_with_wrong_top_folder_is_rejected_atomically(tmp_path):
