@@ -1,0 +1,102 @@
+"""The run report: merging baselines and decoder results, the n_test_users check, results.md."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.artifacts import ArtifactError, save_json
+from experiments.baselines import METRIC_NAMES, write_run_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def metrics(base: float) -> dict:
+    """Four distinct, recognisable metric values."""
+    return {name: round(base + i / 100, 4) for i, name in enumerate(METRIC_NAMES)}
+
+
+def write_results(run: Path, n_users: int = 7, random_ids_users: int | None = None) -> Path:
+    """A run folder holding baselines/metrics.json, decoder/ and decoder_random_ids/ results."""
+    save_json(run / "baselines" / "metrics.json", {"n_test_users": n_users, "models": {
+        "popularity": {"valid": metrics(0.1), "test": metrics(0.2)},
+        "sasrec": {"valid": metrics(0.3), "test": metrics(0.4), "best_epoch": 3}}})
+    save_json(run / "decoder" / "metrics.json",
+              {"model": "tiger", "n_test_users": n_users, "valid": metrics(0.5), "test": metrics(0.6), "step": 9})
+    save_json(run / "decoder_random_ids" / "metrics.json",
+              {"model": "tiger_random_ids", "n_test_users": random_ids_users or n_users,
+               "valid": metrics(0.7), "test": metrics(0.8)})
+    return run
+
+
+def test_report_merges_test_metrics_per_model(tmp_path):
+    run = write_results(tmp_path / "run")
+    merged = write_run_report(run)
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk == merged
+    assert on_disk["n_test_users"] == 7
+    assert list(on_disk["models"]) == ["tiger", "tiger_random_ids", "popularity", "sasrec"]
+    assert on_disk["models"]["tiger"] == metrics(0.6)  # test metrics at the top level
+    assert on_disk["models"]["sasrec"] == metrics(0.4)
+    assert on_disk["valid_models"]["popularity"] == metrics(0.1)
+    table = (run / "results.md").read_text()
+    assert "leave-one-out" in table and "full ranking" in table and "excluded" in table
+    assert "Test users: 7" in table
+    assert "| tiger | 0.6000 | 0.6100 | 0.6200 | 0.6300 |" in table
+    assert "| model | recall@5 | recall@10 | ndcg@5 | ndcg@10 |" in table
+
+
+def test_report_names_the_file_whose_user_count_disagrees(tmp_path):
+    run = write_results(tmp_path / "run", n_users=7, random_ids_users=6)
+    with pytest.raises(ArtifactError, match=r"decoder_random_ids/metrics.json reports n_test_users = 6.*reports 7"):
+        write_run_report(run)
+    assert not (run / "metrics.json").exists()
+
+
+def test_report_decoder_folders(tmp_path):
+    run = write_results(tmp_path / "run")
+    (run / "decoder_random_ids" / "metrics.json").unlink()
+    merged = write_run_report(run)  # defaults: a missing decoder is reported as not run
+    assert "tiger_random_ids" not in merged["models"]
+    assert "not found (not run yet)" in (run / "results.md").read_text()
+    with pytest.raises(ArtifactError, match="decoder_random_ids/metrics.json is missing"):
+        write_run_report(run, ["decoder", "decoder_random_ids"])
+    only_tiger = write_run_report(run, ["decoder"], overwrite=True)
+    assert set(only_tiger["models"]) == {"tiger", "popularity", "sasrec"}
+
+
+def test_report_rejects_malformed_and_duplicate_results(tmp_path):
+    run = write_results(tmp_path / "run")
+    save_json(run / "decoder" / "metrics.json", {"model": "tiger", "n_test_users": 7, "valid": metrics(0.5),
+                                                 "test": {"recall@10": 0.1}})
+    with pytest.raises(ArtifactError, match=r"decoder/metrics.json: field 'test' lacks \['recall@5'"):
+        write_run_report(run)
+    save_json(run / "decoder" / "metrics.json", {"model": "sasrec", "n_test_users": 7, "valid": metrics(0.5),
+                                                 "test": metrics(0.6)})
+    with pytest.raises(ArtifactError, match="'sasrec' appears in both"):
+        write_run_report(run)
+    with pytest.raises(ArtifactError, match="nothing to report"):
+        write_run_report(tmp_path / "empty")
+
+
+def test_report_skips_when_up_to_date_and_redoes_after_new_results(tmp_path):
+    run = write_results(tmp_path / "run")
+    write_run_report(run)
+    first_mtime = (run / "metrics.json").stat().st_mtime_ns
+    write_run_report(run)
+    assert (run / "metrics.json").stat().st_mtime_ns == first_mtime
+    save_json(run / "decoder" / "metrics.json",
+              {"model": "tiger", "n_test_users": 7, "valid": metrics(0.5), "test": metrics(0.9)})
+    future = (run / "metrics.json").stat().st_mtime + 10
+    os.utime(run / "decoder" / "metrics.json", (future, future))
+    assert write_run_report(run)["models"]["tiger"] == metrics(0.9)
+
+
+def test_report_script_exits_with_the_error(tmp_path):
+    run = write_results(tmp_path / "run", n_users=7, random_ids_users=5)
+    done = subprocess.run([sys.executable, "experiments/08_report.py", "--run", str(run)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "decoder_random_ids/metrics.json reports n_test_users = 5" in done.stderr
