@@ -234,6 +234,9 @@ def train_sasrec(run_dir: str | os.PathLike, out_dir: str | os.PathLike, epochs:
         return load_json(out_dir / "metrics.json", BASELINES_SCRIPT)
     if monitor not in METRIC_NAMES:
         raise ValueError(f"train_sasrec.monitor must be one of {METRIC_NAMES}, got {monitor!r}.")
+    if epochs < 1 or patience < 1:
+        raise ValueError(f"train_sasrec.epochs ({epochs}) and train_sasrec.patience ({patience}) must be >= 1: "
+                         "the test split is scored with the best validation epoch, so at least one must run.")
     out_dir.mkdir(parents=True, exist_ok=True)
     with _log_to_file(out_dir / "train.log"):
         return _train_sasrec(Path(run_dir), out_dir, dict(
@@ -490,19 +493,21 @@ def write_run_report(run_dir: str | os.PathLike, decoder_dirs: Sequence[str] | N
                      overwrite: bool = False) -> dict:
     """Merge every result of the run into RUN/metrics.json and RUN/results.md.
 
-    Skips when both outputs are newer than every input, unless overwrite.
+    Skips writing when both outputs already hold exactly this content, unless overwrite. (Compared by
+    content, not mtimes: a report made with other --decoders must not pass for up to date.)
     """
     run_dir = Path(run_dir)
     results, missing = collect_results(run_dir, decoder_dirs)
     outputs = [run_dir / "metrics.json", run_dir / "results.md"]
-    newest_input = max(path.stat().st_mtime for *_, path in results)
-    if not overwrite and all(p.is_file() and p.stat().st_mtime >= newest_input for p in outputs):
+    merged = merge_results(results)
+    markdown = results_markdown(merged, missing)
+    if (not overwrite and all(p.is_file() for p in outputs) and load_json(outputs[0], REPORT_SCRIPT) == merged
+            and outputs[1].read_text() == markdown):
         log.info("report is up to date: %s (pass --overwrite to rewrite)", outputs[0])
-        return load_json(outputs[0], REPORT_SCRIPT)
+        return merged
     for path in missing:
         log.warning("not in the report (not found): %s", path)
-    merged = merge_results(results)
     save_json(outputs[0], merged)
-    save_text(outputs[1], results_markdown(merged, missing))
+    save_text(outputs[1], markdown)
     log.info("wrote %s and %s", *outputs)
     return merged

@@ -182,5 +182,11 @@ class SASRec(nn.Module):
 
     @torch.no_grad()
     def score_next(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, L) left-padded histories -> (B, N) scores for the next item (last position)."""
-        return self.item_logits(self(tokens)[:, -1]).float()
+        """tokens: (B, L) left-padded histories -> (B, N) float32 scores for the next item (last position).
+
+        The catalogue scores are computed in float32 even under bf16 autocast: bf16 logits (8-bit mantissa)
+        tie for most users inside the top 10 of 62k items, and ties would then be decided by item row.
+        """
+        hidden = self(tokens)[:, -1].float()
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self.item_logits(hidden)

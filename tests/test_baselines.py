@@ -133,6 +133,19 @@ def test_sasrec_is_causal_and_handles_padding():
         model(torch.ones(1, 17, dtype=torch.long))
 
 
+def test_sasrec_scores_the_catalogue_in_float32_under_bf16_autocast():
+    # bf16 logits tie inside the top 10 of a large catalogue; ties would then be decided by item row.
+    torch.manual_seed(0)
+    model = SASRec(n_items=20, **TINY_MODEL).eval()
+    tokens = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model.score_next(tokens)
+        hidden = model(tokens)[:, -1].float()
+    expected = hidden @ model.item_embedding.weight[1:].T.float()
+    assert scores.dtype == torch.float32
+    assert torch.allclose(scores, expected, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------- SASRec training
 
 def test_sasrec_learns_a_deterministic_pattern_far_above_popularity(tmp_path):
@@ -221,6 +234,20 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
     (tmp_path / "b" / "metrics.json").unlink()
     with pytest.raises(ArtifactError, match="--overwrite"):
         _train(run, tmp_path / "b", learning_rate=0.01)
+
+
+def test_sasrec_trains_on_training_events_only(tmp_path, monkeypatch):
+    # Each user's last two items (validation, test) are items no other event uses: rows 30 and up.
+    histories = [np.r_[h, 30 + 2 * u, 31 + 2 * u] for u, h in enumerate(pattern_histories(20, 30))]
+    run = write_run(tmp_path / "run", histories, n_items=70)
+    seen_windows = []
+    monkeypatch.setattr(baselines, "train_one_epoch", lambda model, windows, *a, **k: seen_windows.append(windows) or 0.0)
+    monkeypatch.setattr(baselines, "evaluate_sasrec", ScriptedValidation([0.1]))
+    _train(run, tmp_path / "sasrec", epochs=1)
+    tokens = seen_windows[0]
+    assert tokens.max() == 30  # item row 29 + 1: no validation or test item reaches training
+    pairs = sorted((int(a), int(b)) for w in tokens for a, b in zip(w[:-1], w[1:]) if a != PAD)
+    assert pairs == sorted((int(a) + 1, int(b) + 1) for h in histories for a, b in zip(h[:-3], h[1:-2]))
 
 
 def test_sasrec_configs_parse_and_bind_every_parameter(monkeypatch):

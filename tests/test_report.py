@@ -65,6 +65,14 @@ def test_report_decoder_folders(tmp_path):
         write_run_report(run, ["decoder", "decoder_random_ids"])
     only_tiger = write_run_report(run, ["decoder"], overwrite=True)
     assert set(only_tiger["models"]) == {"tiger", "popularity", "sasrec"}
+    # A report made with other folders is not up to date, even when it is newer than every input.
+    save_json(run / "decoder_no_posters" / "metrics.json",
+              {"model": "tiger_no_posters", "n_test_users": 7, "valid": metrics(0.3), "test": metrics(0.35)})
+    old = (run / "metrics.json").stat().st_mtime - 10
+    os.utime(run / "decoder_no_posters" / "metrics.json", (old, old))
+    with_ablation = write_run_report(run, ["decoder", "decoder_no_posters"])
+    assert set(with_ablation["models"]) == {"tiger", "tiger_no_posters", "popularity", "sasrec"}
+    assert "| tiger_no_posters |" in (run / "results.md").read_text()
 
 
 def test_report_rejects_malformed_and_duplicate_results(tmp_path):
