@@ -140,11 +140,13 @@ def semantic_ids_from_checkpoint(out_dir: str | Path, run: str | Path, features_
 # Training
 # ----------------------------------------------------------------------------------------------------
 
-def save_checkpoint(path: Path, model, optimizer, step: int, generator: torch.Generator, history: list) -> None:
-    """Training state for resuming after a kill (atomic)."""
+def save_checkpoint(path: Path, model, optimizer, step: int, generator: torch.Generator, history: list,
+                    window: list, run_config: dict) -> None:
+    """Training state for resuming after a kill (atomic); `window` holds the steps not yet logged."""
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
-                    "step": step, "generator": generator.get_state(), "history": history}, tmp)
+                    "step": step, "generator": generator.get_state(), "history": history, "window": window,
+                    "run_config": run_config}, tmp)
 
 
 def train_step(model, optimizer, batch: torch.Tensor, reset_dead: bool, generator: torch.Generator) -> dict:
@@ -200,18 +202,26 @@ def train(run: str | Path, out: str | Path | None = None, features_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     save_text(out / "config.gin", gin.operative_config_str())  # after the model is built, so it is complete
     save_text(out / "config_full.gin", gin.config_str())
-    start_step, history = 0, []
+    # What a resumed run must share with the killed one (iterations may grow; the optimizer state would
+    # otherwise silently keep the old learning rate).
+    run_config = {"model": model.config, "batch_size": batch_size, "learning_rate": learning_rate,
+                  "weight_decay": weight_decay, "seed": seed, "kmeans_sample": kmeans_sample,
+                  "dead_code_reset_until": dead_code_reset_until, "n_items": len(features)}
+    start_step, history, window = 0, [], []
     if (out / "checkpoint.pt").is_file():
         state = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
+        if state.get("run_config") != run_config:
+            raise ArtifactError(f"{out / 'checkpoint.pt'} was written with {state.get('run_config', 'another config')} "
+                                f"but this run is configured with {run_config}; pass --overwrite to start again.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start_step, history = state["step"], state["history"]
+        generator.set_state(state["generator"].cpu())  # map_location moved it; a generator state lives on CPU
+        start_step, history, window = state["step"], state["history"], state["window"]
         log.info("resuming from %s at step %d", out / "checkpoint.pt", start_step)
     else:
         initialise_codebooks(model, features, kmeans_sample, generator)
 
-    started, window, window_start = time.perf_counter(), [], time.perf_counter()
+    started, window_start = time.perf_counter(), time.perf_counter()
     model.train()
     for step in tqdm(range(start_step + 1, iterations + 1), initial=start_step, total=iterations, desc="rqvae",
                      mininterval=5):
@@ -230,7 +240,7 @@ def train(run: str | Path, out: str | Path | None = None, features_dir: str | Pa
             history.append(record)
             window, window_start = [], time.perf_counter()
         if step % checkpoint_every == 0 and step < iterations:
-            save_checkpoint(out / "checkpoint.pt", model, optimizer, step, generator, history)
+            save_checkpoint(out / "checkpoint.pt", model, optimizer, step, generator, history, window, run_config)
     elapsed = time.perf_counter() - started
     steps_run = iterations - start_step
     return write_outputs(out, run, model, features, blocks_meta, genres, history,

@@ -190,6 +190,17 @@ def test_standardise_uses_only_masked_rows():
     np.testing.assert_allclose(out[:, 0], [-1.0, 1.0, 0.0])
 
 
+def test_pca_is_fitted_on_the_masked_rows_only():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(40, 5)) * np.array([5.0, 1.0, 0.5, 0.2, 0.1])
+    mask = np.arange(40) % 4 != 0
+    values[~mask] = rng.normal(size=(10, 5)) * 1e3  # would dominate a fit on every row
+    projected, explained = pca(values, 2, mask)
+    reference, reference_explained = pca(values[mask], 2)
+    np.testing.assert_allclose(np.abs(projected[mask]), np.abs(reference), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(explained, reference_explained)
+
+
 def test_pca_finds_the_direction_of_a_line():
     t = np.linspace(-1, 1, 50)
     values = np.stack([t, 2 * t, -t], axis=1) + 1e-4 * np.random.default_rng(0).normal(size=(50, 3))

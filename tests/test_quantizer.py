@@ -113,7 +113,9 @@ def test_dead_codes_are_reset_and_come_back_into_use():
     for _ in range(3):
         out = quantizer(x)
     assert not torch.isin(torch.arange(4, 8), out.codes).any()
+    live_codes = quantizer.codebooks[0, :4].detach().clone()
     assert quantizer.reset_dead_codes(out.level_residuals) == [4]
+    assert torch.equal(quantizer.codebooks[0, :4], live_codes)  # only the dead codes move
     codes_after = quantizer(x).codes
     assert torch.isin(torch.arange(4, 8), codes_after).all()
     assert quantizer.steps_since_used[0, 4:].max() == 0

@@ -7,8 +7,10 @@ from pathlib import Path
 import gin
 import numpy as np
 import pytest
+import torch
 
 import train_rqvae
+from experiments.artifacts import ArtifactError
 from experiments.ml25m import BLOCK_NAMES, fuse_item_features
 from tests.test_fusion import make_fixture
 
@@ -98,7 +100,8 @@ def test_finished_run_is_skipped_and_an_interrupted_one_resumes(fused_run, monke
     run_training(fused_run, iterations=3, overwrite=False)
     assert (out / "model.pt").stat().st_mtime_ns == stamp  # finished: skipped
 
-    # Kill after step 2's checkpoint, then resume: the log continues from step 3.
+    # Kill after step 2's checkpoint (steps 1-2 not logged yet), then resume: the log continues.
+    logged_every_3 = ["train_rqvae.log_every = 3"]
     real_step, calls = train_rqvae.train_step, {"n": 0}
 
     def dying_step(*args, **kwargs):
@@ -109,12 +112,38 @@ def test_finished_run_is_skipped_and_an_interrupted_one_resumes(fused_run, monke
 
     monkeypatch.setattr(train_rqvae, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        run_training(fused_run, iterations=4)
+        run_training(fused_run, logged_every_3, iterations=4)
     assert (out / "checkpoint.pt").is_file() and not (out / "health.json").exists()
     monkeypatch.setattr(train_rqvae, "train_step", real_step)
-    run_training(fused_run, iterations=4, overwrite=False)
-    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    run_training(fused_run, logged_every_3, iterations=4, overwrite=False)
+    resumed_log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed_log] == [3, 4]
+    resumed_ids = np.load(out / "semantic_ids.npy")
+    resumed_weights = torch.load(out / "model.pt", weights_only=True)["model"]
+
+    # The resumed run is the uninterrupted run: same weights, same IDs, same logged losses.
+    run_training(fused_run, logged_every_3, iterations=4)
+    np.testing.assert_array_equal(np.load(out / "semantic_ids.npy"), resumed_ids)
+    weights = torch.load(out / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+    uninterrupted_log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["total_loss"] for r in uninterrupted_log] == [r["total_loss"] for r in resumed_log]
+
+
+def test_resuming_with_another_config_is_an_error(fused_run, monkeypatch):
+    real_step = train_rqvae.train_step
+
+    def dying_step(model, optimizer, batch, reset_dead, generator):
+        if len(list((fused_run / "rqvae").glob("checkpoint.pt"))):
+            raise KeyboardInterrupt
+        return real_step(model, optimizer, batch, reset_dead, generator)
+
+    monkeypatch.setattr(train_rqvae, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(fused_run, iterations=4)
+    monkeypatch.setattr(train_rqvae, "train_step", real_step)
+    with pytest.raises(ArtifactError, match="--overwrite"):
+        run_training(fused_run, ["train_rqvae.learning_rate = 0.01"], iterations=4, overwrite=False)
 
 
 def test_collapse_is_reported_loudly(fused_run, caplog):
