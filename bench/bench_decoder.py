@@ -1,0 +1,114 @@
+"""Speed of the TIGER decoder: training examples/s and constrained beam-search users/s.
+
+    python bench/bench_decoder.py                      # TIGER preset, batch 256, beam 20 / top-10, CPU
+    python bench/bench_decoder.py --device cuda --eval-batch 1024
+
+Synthetic inputs of the real shapes: semantic IDs (256, 256, 256, 8) for --items items (default the
+9,742 of ml-latest-small), full 20-item histories, 50 seen items per user. Prints one markdown table
+row per measurement (recorded in bench/results/decoder.md) and, with --out, a JSON file.
+"""
+import sys, pathlib
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, so `experiments`/`modules` import
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from modules.beam_search import SemanticIdTrie, beam_search
+from modules.sequences import Vocabulary, random_semantic_ids, semantic_id_tokens
+from modules.tiger import Tiger
+
+CODEBOOK_SIZES = (256, 256, 256, 8)
+
+
+def synthetic_inputs(vocab: Vocabulary, item_tokens: np.ndarray, n_rows: int, history: int, rng) -> torch.Tensor:
+    """(n_rows, 1 + history*(L+1)) encoder tokens of random full histories."""
+    items = rng.integers(0, len(item_tokens), (n_rows, history))
+    users = rng.integers(0, vocab.n_user_buckets, n_rows) + vocab.user_token_offset
+    return torch.as_tensor(np.concatenate([users[:, None], item_tokens[items].reshape(n_rows, -1)], 1))
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Seconds per call of fn, after one warm-up call."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--items", type=int, default=9742)
+    parser.add_argument("--batch", type=int, default=256, help="training batch size")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
+    parser.add_argument("--eval-batch", type=int, default=128, help="users per beam-search call")
+    parser.add_argument("--eval-repeats", type=int, default=3)
+    parser.add_argument("--beam", type=int, default=20)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    vocab = Vocabulary(CODEBOOK_SIZES, n_user_buckets=2000)
+    semantic_ids = random_semantic_ids(args.items, CODEBOOK_SIZES, seed=0)
+    item_tokens = semantic_id_tokens(semantic_ids, vocab)
+    model = Tiger(vocab, max_history=20).to(device)  # the paper preset (the Tiger defaults)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    src = synthetic_inputs(vocab, item_tokens, args.batch, 20, rng).to(device)
+    targets = torch.as_tensor(semantic_ids[rng.integers(0, args.items, args.batch)], device=device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+
+    def train_step():
+        model.train()
+        with autocast:
+            loss = model(src, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    train_seconds = timed(train_step, args.steps, device)
+
+    model.eval()
+    trie = SemanticIdTrie(torch.as_tensor(semantic_ids), CODEBOOK_SIZES).to(device)
+    eval_src = synthetic_inputs(vocab, item_tokens, args.eval_batch, 20, rng).to(device)
+    seen = torch.zeros(args.eval_batch, args.items, dtype=torch.bool)
+    seen[torch.arange(args.eval_batch)[:, None], torch.as_tensor(rng.integers(0, args.items, (args.eval_batch, 50)))] = True
+    seen = seen.to(device)
+
+    def decode():
+        with autocast:
+            beam_search(model, eval_src, trie, args.beam, args.top_k, seen=seen)
+
+    beam_seconds = timed(decode, args.eval_repeats, device)
+    results = {"device": str(device), "threads": args.threads, "load_average": os.getloadavg(),
+               "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
+               "train_examples_per_s": args.batch / train_seconds, "train_batch": args.batch,
+               "beam_users_per_s": args.eval_batch / beam_seconds, "beam": args.beam, "top_k": args.top_k,
+               "eval_batch": args.eval_batch, "items": args.items}
+    print(f"| TIGER preset train ({results['parameters_m']:.2f}M params, batch {args.batch}) | {args.device} "
+          f"| {results['train_examples_per_s']:.0f} examples/s |")
+    print(f"| constrained beam search, beam {args.beam} / top-{args.top_k}, {args.items} items | {args.device} "
+          f"| {results['beam_users_per_s']:.1f} users/s |")
+    print(f"load average {results['load_average']}")
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

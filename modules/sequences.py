@@ -1,0 +1,171 @@
+"""Training examples for the generative retrieval decoder: semantic-ID tokens, history windows, users.
+
+Token layout (one shared vocabulary for encoder and decoder inputs, TIGER section 3.2):
+
+    0                        PAD
+    1                        BOS (first decoder input)
+    2 + level_offset[l] + c  code c of level l, one slice per level, the collision column included
+    2 + sum(K) + b           user bucket b (the hashing trick of TIGER section 4.1)
+
+The decoder's output head covers the code tokens only; position `l` of a target is scored
+against the slice of level `l`.
+
+Pure numpy: no I/O, no printing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PAD_TOKEN = 0
+BOS_TOKEN = 1
+N_SPECIAL_TOKENS = 2
+NO_ITEM = -1  # padding in history windows: "no item at this position"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Sizes of the token slices.
+
+    codebook_sizes: (K_1, ..., K_L, C) one size per semantic-ID column, the collision column last.
+    n_user_buckets: number of hashed user tokens.
+    """
+
+    codebook_sizes: tuple[int, ...]
+    n_user_buckets: int
+
+    def __post_init__(self):
+        if len(self.codebook_sizes) < 1 or min(self.codebook_sizes) < 1:
+            raise ValueError(f"codebook_sizes must be positive, got {self.codebook_sizes}.")
+        if self.n_user_buckets < 1:
+            raise ValueError(f"n_user_buckets must be >= 1, got {self.n_user_buckets}.")
+
+    @property
+    def n_levels(self) -> int:
+        """Columns of a semantic ID (code levels plus the collision column)."""
+        return len(self.codebook_sizes)
+
+    @property
+    def level_offsets(self) -> np.ndarray:
+        """(n_levels,) int64, start of each level's slice inside the code tokens (0-based)."""
+        return np.concatenate([[0], np.cumsum(self.codebook_sizes)[:-1]]).astype(np.int64)
+
+    @property
+    def n_code_tokens(self) -> int:
+        """Number of code tokens (the size of the decoder's output head)."""
+        return int(sum(self.codebook_sizes))
+
+    @property
+    def user_token_offset(self) -> int:
+        """Token id of user bucket 0."""
+        return N_SPECIAL_TOKENS + self.n_code_tokens
+
+    @property
+    def size(self) -> int:
+        """Total number of token ids."""
+        return self.user_token_offset + self.n_user_buckets
+
+
+def check_semantic_ids(semantic_ids: np.ndarray, codebook_sizes: tuple[int, ...]) -> None:
+    """Raise ValueError unless `semantic_ids` (N, L+1) is integer, in range per column and unique per row."""
+    if semantic_ids.ndim != 2 or not np.issubdtype(semantic_ids.dtype, np.integer):
+        raise ValueError(f"semantic ids must be a 2-d integer array, got {semantic_ids.dtype} {semantic_ids.shape}.")
+    if semantic_ids.shape[1] != len(codebook_sizes):
+        raise ValueError(f"semantic ids have {semantic_ids.shape[1]} columns but codebook_sizes lists "
+                         f"{len(codebook_sizes)} sizes {list(codebook_sizes)}.")
+    for level, size in enumerate(codebook_sizes):
+        column = semantic_ids[:, level]
+        if len(column) and (column.min() < 0 or column.max() >= size):
+            raise ValueError(f"semantic id column {level} holds codes {int(column.min())}..{int(column.max())} "
+                             f"outside 0..{size - 1} (codebook_sizes[{level}] = {size}).")
+    n_unique = len(np.unique(semantic_ids, axis=0))
+    if n_unique != len(semantic_ids):
+        raise ValueError(f"semantic ids are not unique: {len(semantic_ids) - n_unique} rows repeat another row; "
+                         "every item needs its own full ID (the collision column makes them unique).")
+
+
+def semantic_id_tokens(semantic_ids: np.ndarray, vocab: Vocabulary) -> np.ndarray:
+    """(N, L+1) codes -> (N, L+1) int64 token ids (each column shifted into its level's slice)."""
+    check_semantic_ids(semantic_ids, vocab.codebook_sizes)
+    return semantic_ids.astype(np.int64) + N_SPECIAL_TOKENS + vocab.level_offsets[None, :]
+
+
+def random_semantic_ids(n_items: int, codebook_sizes: tuple[int, ...], seed: int) -> np.ndarray:
+    """(n_items, L+1) int64 random IDs, unique per row, column l uniform in 0..K_l-1 (the random-ID baseline).
+
+    Draws n_items distinct points of the mixed-radix code space without replacement, so the
+    baseline has exactly the real IDs' shape and vocabulary but no semantics (TIGER section 4.4).
+    """
+    space = int(np.prod([int(k) for k in codebook_sizes], dtype=object))
+    if space < n_items:
+        raise ValueError(f"codebook sizes {list(codebook_sizes)} give only {space} distinct IDs for {n_items} items.")
+    if space >= 2 ** 63:
+        raise ValueError(f"codebook sizes {list(codebook_sizes)} span more than 2**63 IDs; cannot draw them.")
+    flat = np.random.default_rng(seed).choice(space, size=n_items, replace=False).astype(np.int64)
+    codes = np.empty((n_items, len(codebook_sizes)), dtype=np.int64)
+    for level in reversed(range(len(codebook_sizes))):
+        codes[:, level] = flat % codebook_sizes[level]
+        flat //= codebook_sizes[level]
+    return codes
+
+
+def hash_users(user_ids: np.ndarray, n_buckets: int) -> np.ndarray:
+    """(U,) raw user ids -> (U,) int64 bucket in 0..n_buckets-1 (splitmix64 finaliser, platform independent)."""
+    x = np.asarray(user_ids).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(n_buckets)).astype(np.int64)
+
+
+def training_target_positions(starts: np.ndarray, valid_pos: np.ndarray, min_history: int = 1) -> np.ndarray:
+    """Event positions (into the CSR arrays) of every training target.
+
+    A user's training events are [starts[u], valid_pos[u]) (modules.split); each of them with at
+    least `min_history` earlier events is a target, so every prefix of the training history
+    becomes one example. Returns (E,) int64, users in row order, time order within a user.
+    """
+    first = np.asarray(starts, dtype=np.int64) + min_history
+    stop = np.asarray(valid_pos, dtype=np.int64)
+    counts = np.maximum(stop - first, 0)
+    user_of = np.repeat(np.arange(len(counts)), counts)
+    within = np.arange(counts.sum(), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return first[user_of] + within
+
+
+def user_of_positions(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(B,) user row owning each event position, for CSR `offsets` (U+1,)."""
+    return np.searchsorted(offsets, positions, side="right") - 1
+
+
+def history_windows(item_index: np.ndarray, user_starts: np.ndarray, target_pos: np.ndarray,
+                    max_history: int) -> np.ndarray:
+    """The last `max_history` items before each target, oldest first, left-padded with NO_ITEM.
+
+    item_index:  (E,) item row of every event (CSR, users contiguous, time order).
+    user_starts: (B,) first event of each target's user.
+    target_pos:  (B,) event position of each target; its history is [user_starts, target_pos).
+    Returns (B, max_history) int64. Left padding keeps the most recent item at the last position.
+    """
+    target_pos = np.asarray(target_pos, dtype=np.int64)
+    positions = target_pos[:, None] - max_history + np.arange(max_history)[None, :]
+    inside = positions >= np.asarray(user_starts, dtype=np.int64)[:, None]
+    items = item_index[np.clip(positions, 0, None)].astype(np.int64)
+    return np.where(inside, items, NO_ITEM)
+
+
+def encode_histories(windows: np.ndarray, user_tokens: np.ndarray, item_tokens: np.ndarray) -> np.ndarray:
+    """Encoder input: [user token, tokens of item 1, ..., tokens of item H].
+
+    windows:     (B, H) item rows, NO_ITEM for padding.
+    user_tokens: (B,) token id of each example's user bucket.
+    item_tokens: (N, L+1) token ids of every item (semantic_id_tokens).
+    Returns (B, 1 + H*(L+1)) int64, PAD_TOKEN where the window is padding.
+    """
+    n_levels = item_tokens.shape[1]
+    tokens = np.where(windows[:, :, None] >= 0, item_tokens[np.clip(windows, 0, None)], PAD_TOKEN)
+    return np.concatenate([np.asarray(user_tokens, dtype=np.int64)[:, None],
+                           tokens.reshape(len(windows), windows.shape[1] * n_levels)], axis=1)

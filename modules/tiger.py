@@ -1,0 +1,179 @@
+"""TIGER: an encoder-decoder transformer that generates the next item's semantic ID (Rajput et al. 2023).
+
+The encoder reads [user token, semantic-ID tokens of the last H items]; the decoder starts from BOS
+and emits one code per level (the collision column included). Sizes follow T5 as in the paper
+(section 4.1): residual width `embed_dim` (d_model 128), attention inner width `attn_dim`
+(6 heads x 64 = 384), MLP 1024, 4 encoder + 4 decoder layers, dropout 0.1. Unlike
+torch.nn.Transformer, attention width and residual width are independent, as in T5.
+
+Pure torch: no I/O, no printing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.sequences import BOS_TOKEN, N_SPECIAL_TOKENS, PAD_TOKEN, Vocabulary
+
+
+class Attention(nn.Module):
+    """Multi-head attention from a (B, T, embed_dim) query stream to a (B, S, embed_dim) context."""
+
+    def __init__(self, embed_dim: int, attn_dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        if attn_dim % n_heads:
+            raise ValueError(f"attn_dim {attn_dim} must be a multiple of n_heads {n_heads}.")
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.query = nn.Linear(embed_dim, attn_dim)
+        self.key_value = nn.Linear(embed_dim, 2 * attn_dim)
+        self.out = nn.Linear(attn_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_keep: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        """x (R, T, E), context (B, S, E), context_keep (B, S) bool True = attend. Returns (R, T, E).
+
+        R may be a multiple G of B: then rows [b*G, (b+1)*G) of x (the beams of one user) all attend
+        to context row b, which is projected once instead of G times (no causal mask then).
+        """
+        rows, length, width = x.shape
+        batch = context.shape[0]
+        group = rows // batch
+        if group * batch != rows or (group > 1 and causal):
+            raise ValueError(f"{rows} query rows cannot share {batch} context rows{' causally' if causal else ''}.")
+        x = x.reshape(batch, group * length, width)
+        q = self.query(x).view(batch, group * length, self.n_heads, -1).transpose(1, 2)
+        k, v = self.key_value(context).view(batch, context.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if context_keep is None else context_keep[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(rows, length, -1))
+
+
+class FeedForward(nn.Sequential):
+    """Position-wise MLP embed_dim -> mlp_dim -> embed_dim."""
+
+    def __init__(self, embed_dim: int, mlp_dim: int, dropout: float):
+        super().__init__(nn.Linear(embed_dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, embed_dim))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention + MLP block."""
+
+    def __init__(self, embed_dim: int, attn_dim: int, mlp_dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.norm_attn, self.norm_mlp = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
+        self.attn = Attention(embed_dim, attn_dim, n_heads, dropout)
+        self.mlp = FeedForward(embed_dim, mlp_dim, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        h = self.norm_attn(x)
+        x = x + self.drop(self.attn(h, h, keep))
+        return x + self.drop(self.mlp(self.norm_mlp(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm causal self-attention + cross-attention + MLP block."""
+
+    def __init__(self, embed_dim: int, attn_dim: int, mlp_dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.norm_self, self.norm_cross, self.norm_mlp = (nn.LayerNorm(embed_dim) for _ in range(3))
+        self.self_attn = Attention(embed_dim, attn_dim, n_heads, dropout)
+        self.cross_attn = Attention(embed_dim, attn_dim, n_heads, dropout)
+        self.mlp = FeedForward(embed_dim, mlp_dim, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_keep: torch.Tensor) -> torch.Tensor:
+        h = self.norm_self(x)
+        x = x + self.drop(self.self_attn(h, h, causal=True))
+        x = x + self.drop(self.cross_attn(self.norm_cross(x), memory, memory_keep))
+        return x + self.drop(self.mlp(self.norm_mlp(x)))
+
+
+class Tiger(nn.Module):
+    """Encoder-decoder over semantic-ID tokens (token layout: modules.sequences).
+
+    vocab:       token slices (codebook sizes from the semantic-ID file, user buckets).
+    max_history: items per encoder input (H); the encoder reads 1 + H*(L+1) tokens.
+    n_layers:    total transformer layers, split evenly: n_layers/2 encoder + n_layers/2 decoder.
+    """
+
+    def __init__(self, vocab: Vocabulary, max_history: int, embed_dim: int = 128, attn_dim: int = 384,
+                 n_heads: int = 6, mlp_dim: int = 1024, n_layers: int = 8, dropout: float = 0.1):
+        super().__init__()
+        if n_layers < 2 or n_layers % 2:
+            raise ValueError(f"n_layers = {n_layers} must be even (half encoder, half decoder layers).")
+        self.vocab = vocab
+        self.max_history = max_history
+        n_levels = vocab.n_levels
+        self.token_embedding = nn.Embedding(vocab.size, embed_dim, padding_idx=PAD_TOKEN)
+        self.encoder_position = nn.Embedding(1 + max_history * n_levels, embed_dim)
+        self.decoder_position = nn.Embedding(n_levels, embed_dim)
+        layer_args = (embed_dim, attn_dim, mlp_dim, n_heads, dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(n_layers // 2))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(n_layers // 2))
+        self.encoder_norm, self.decoder_norm = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
+        self.embed_drop = nn.Dropout(dropout)
+        self.head = nn.Linear(embed_dim, vocab.n_code_tokens)
+        self.register_buffer("level_offsets", torch.as_tensor(vocab.level_offsets), persistent=False)
+
+    @property
+    def src_length(self) -> int:
+        """Encoder input length 1 + H*(L+1)."""
+        return self.encoder_position.num_embeddings
+
+    def encode(self, src_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """src_tokens (B, S) -> memory (B, S, E) and keep mask (B, S) bool (False on PAD)."""
+        if src_tokens.shape[1] != self.src_length:
+            raise ValueError(f"encoder input has {src_tokens.shape[1]} tokens, the model expects {self.src_length} "
+                             f"(1 user token + max_history {self.max_history} x {self.vocab.n_levels} codes).")
+        keep = src_tokens != PAD_TOKEN
+        positions = torch.arange(src_tokens.shape[1], device=src_tokens.device)
+        x = self.embed_drop(self.token_embedding(src_tokens) + self.encoder_position(positions))
+        for layer in self.encoder_layers:
+            x = layer(x, keep)
+        return self.encoder_norm(x), keep
+
+    def decode(self, memory: torch.Tensor, memory_keep: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
+        """Hidden states after [BOS, prefix]: prefix_codes (R, l) level codes -> (R, l+1, E).
+
+        memory (B, S, E) / memory_keep (B, S) from `encode`; R = G*B decodes G prefixes per input
+        (rows [b*G, (b+1)*G) belong to input b), sharing its memory without copies.
+        """
+        prefix_tokens = prefix_codes + N_SPECIAL_TOKENS + self.level_offsets[: prefix_codes.shape[1]]
+        bos = torch.full((prefix_codes.shape[0], 1), BOS_TOKEN, dtype=torch.int64, device=prefix_codes.device)
+        tokens = torch.cat([bos, prefix_tokens], dim=1)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed_drop(self.token_embedding(tokens) + self.decoder_position(positions))
+        for layer in self.decoder_layers:
+            x = layer(x, memory, memory_keep)
+        return self.decoder_norm(x)
+
+    def level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
+        """(..., E) hidden state at decoder position `level` -> (..., K_level) logits of that level's codes."""
+        start = int(self.vocab.level_offsets[level])
+        stop = start + self.vocab.codebook_sizes[level]
+        return F.linear(hidden, self.head.weight[start:stop], self.head.bias[start:stop])
+
+    def next_level_log_probs(self, memory: torch.Tensor, memory_keep: torch.Tensor,
+                             prefix_codes: torch.Tensor) -> torch.Tensor:
+        """log p(code of level l | history, prefix) for prefix_codes (R, l) -> (R, K_l) float32 (R as in decode)."""
+        hidden = self.decode(memory, memory_keep, prefix_codes)[:, -1]
+        return self.level_logits(hidden, prefix_codes.shape[1]).float().log_softmax(-1)
+
+    def sequence_log_probs(self, src_tokens: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced per-level log-probs: src (B, S), target codes (B, L+1) -> (B, L+1) float32."""
+        memory, keep = self.encode(src_tokens)
+        hidden = self.decode(memory, keep, target_codes[:, :-1])
+        return torch.stack([self.level_logits(hidden[:, level], level).float().log_softmax(-1)
+                            .gather(1, target_codes[:, level:level + 1]).squeeze(1)
+                            for level in range(self.vocab.n_levels)], dim=1)
+
+    def forward(self, src_tokens: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+        """Training loss: mean over examples and levels of the cross-entropy of each target code.
+
+        src_tokens (B, S) int64, target_codes (B, L+1) int64 -> scalar.
+        """
+        return -self.sequence_log_probs(src_tokens, target_codes).mean()

@@ -1,0 +1,105 @@
+"""Tiger encoder-decoder: causality, per-level distributions, shared-memory decoding, learning."""
+import pytest
+import torch
+
+from modules.sequences import Vocabulary
+from modules.tiger import Tiger
+
+VOCAB = Vocabulary((5, 4, 3), n_user_buckets=6)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors on a shared machine: thread synchronisation costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed=0, **kwargs) -> Tiger:
+    torch.manual_seed(seed)
+    args = dict(embed_dim=16, attn_dim=24, n_heads=3, mlp_dim=32, n_layers=4, dropout=0.0) | kwargs
+    return Tiger(VOCAB, max_history=3, **args).eval()
+
+
+def random_batch(model: Tiger, batch=5, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    src = torch.randint(2, VOCAB.size, (batch, model.src_length), generator=generator)
+    src[:2, 1:5] = 0  # padded histories
+    codes = torch.stack([torch.randint(0, k, (batch,), generator=generator) for k in VOCAB.codebook_sizes], 1)
+    return src, codes
+
+
+def test_each_level_is_a_distribution_over_its_own_codes():
+    model = tiny_model()
+    src, codes = random_batch(model)
+    memory, keep = model.encode(src)
+    for level, size in enumerate(VOCAB.codebook_sizes):
+        log_probs = model.next_level_log_probs(memory, keep, codes[:, :level])
+        assert log_probs.shape == (len(src), size)
+        torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(len(src)))
+
+
+def test_teacher_forcing_matches_step_by_step_decoding_and_is_causal():
+    model = tiny_model()
+    src, codes = random_batch(model)
+    forced = model.sequence_log_probs(src, codes)
+    memory, keep = model.encode(src)
+    for level in range(VOCAB.n_levels):
+        stepwise = model.next_level_log_probs(memory, keep, codes[:, :level]).gather(1, codes[:, level:level + 1])
+        torch.testing.assert_close(forced[:, level], stepwise.squeeze(1), rtol=1e-5, atol=1e-5)
+    # Changing the last code changes only the last level's log-prob (no look-ahead).
+    changed = codes.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % VOCAB.codebook_sizes[-1]
+    other = model.sequence_log_probs(src, changed)
+    torch.testing.assert_close(other[:, :-1], forced[:, :-1])
+    assert not torch.allclose(other[:, -1], forced[:, -1])
+    torch.testing.assert_close(model(src, codes), -forced.mean())
+
+
+def test_shared_memory_decoding_equals_copied_memory():
+    model = tiny_model()
+    src, codes = random_batch(model)
+    memory, keep = model.encode(src)
+    group = 4
+    prefixes = codes[:, :2].repeat_interleave(group, 0)
+    prefixes[::2, 1] = 0
+    shared = model.decode(memory, keep, prefixes)
+    copied = model.decode(memory.repeat_interleave(group, 0), keep.repeat_interleave(group, 0), prefixes)
+    torch.testing.assert_close(shared, copied, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_positions_do_not_leak_into_the_memory_of_real_tokens():
+    model = tiny_model()
+    src, _ = random_batch(model)
+    memory, keep = model.encode(src)
+    assert not keep[:2, 1:5].any() and keep[:, 0].all()
+    # PAD tokens are masked out of attention, so their embedding cannot reach any real token.
+    with torch.no_grad():
+        model.token_embedding.weight[0] += 10.0  # a different PAD embedding must not matter
+    memory_after, _ = model.encode(src)
+    torch.testing.assert_close(memory_after[keep], memory[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_a_few_steps_fit_a_fixed_batch():
+    model = tiny_model(dropout=0.1).train()
+    src, codes = random_batch(model, batch=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(src, codes).item()
+    for _ in range(60):
+        loss = model(src, codes)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert model.eval()(src, codes).item() < 0.3 * first
+
+
+def test_bad_shapes_are_errors():
+    with pytest.raises(ValueError, match="even"):
+        tiny_model(n_layers=3)
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        tiny_model(attn_dim=25)
+    model = tiny_model()
+    with pytest.raises(ValueError, match="expects 10"):
+        model.encode(torch.ones(2, 7, dtype=torch.int64))

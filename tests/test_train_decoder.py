@@ -1,0 +1,204 @@
+"""train_decoder.py on a tiny synthetic run folder: exact resume, outputs, data contracts, configs."""
+import json
+from pathlib import Path
+
+import gin
+import numpy as np
+import pytest
+import torch
+
+import train_decoder
+from experiments import artifacts
+from modules.sequences import (NO_ITEM, PAD_TOKEN, Vocabulary, encode_histories, hash_users, history_windows,
+                               semantic_id_tokens, training_target_positions)
+
+REPO = Path(__file__).resolve().parents[1]
+CODEBOOK_SIZES = [4, 4, 3]
+TINY_MODEL = """
+Tiger.embed_dim = 16
+Tiger.attn_dim = 16
+Tiger.n_heads = 2
+Tiger.mlp_dim = 32
+Tiger.n_layers = 2
+train_decoder.dataset = 'synthetic'
+train_decoder.iterations = 8
+train_decoder.batch_size = 16
+train_decoder.warmup_steps = 2
+train_decoder.max_history = 4
+train_decoder.n_user_buckets = 7
+train_decoder.beam_width = 12
+train_decoder.log_every = 2
+train_decoder.eval_every = 4
+train_decoder.checkpoint_every = 4
+train_decoder.eval_batch_size = 8
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors on a shared machine: thread synchronisation costs more than it saves (3x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_run(folder: Path, n_items=40, n_users=30, seed=0) -> Path:
+    """A run folder as steps 2 and 6 write it: item_ids.npy, interactions.npz and rqvae/ semantic IDs.
+
+    Users walk through consecutive items of one first-level code group, so the data has structure.
+    """
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    item_ids = np.sort(rng.choice(10_000, n_items, replace=False)).astype(np.int64)
+    semantic_ids = np.stack([np.arange(n_items) % 4, rng.integers(0, 4, n_items), np.zeros(n_items, int)], 1)
+    for row in range(n_items):  # collision column: 0, 1, 2... among items sharing the first codes
+        semantic_ids[row, 2] = sum((semantic_ids[:row, :2] == semantic_ids[row, :2]).all(1))
+    lengths = rng.integers(5, 12, n_users)
+    histories = [(rng.integers(0, n_items) + 4 * np.arange(n)) % n_items for n in lengths]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    artifacts.save_npy(folder / "item_ids.npy", item_ids)
+    artifacts.save_npz(folder / "interactions.npz", user_ids=np.arange(1, n_users + 1, dtype=np.int64) * 3,
+                       offsets=offsets, item_index=np.concatenate(histories).astype(np.int32),
+                       timestamps=np.arange(offsets[-1], dtype=np.int64), ratings=np.ones(offsets[-1], np.float32))
+    artifacts.save_npy(folder / "rqvae" / "semantic_ids.npy", semantic_ids.astype(np.int64))
+    artifacts.save_npy(folder / "rqvae" / "movie_ids.npy", item_ids)
+    artifacts.save_json(folder / "rqvae" / "semantic_ids.json",
+                        {"codebook_sizes": [4, 4, int(semantic_ids[:, 2].max()) + 1]})
+    return folder
+
+
+def run_train(run: Path, out: Path, extra: str = "", **kwargs):
+    """Parse the tiny config (plus `extra` bindings) and call train()."""
+    gin.clear_config()
+    gin.parse_config(TINY_MODEL + extra)
+    try:
+        return train_decoder.train(str(run), None, str(out), **kwargs)
+    finally:
+        gin.clear_config()
+
+
+def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path):
+    run = make_run(tmp_path / "run")
+    straight = run_train(run, tmp_path / "straight")
+    assert run_train(run, tmp_path / "resumed", stop_at_step=3) is None  # stop mid eval window
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = run_train(run, tmp_path / "resumed")
+    assert resumed == straight
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 8
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["history"] == b["history"]
+
+
+def test_outputs_and_skip_when_finished(tmp_path):
+    run = make_run(tmp_path / "run")
+    out = tmp_path / "out"
+    report = run_train(run, out)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert report["model"] == "tiger" and report["n_test_users"] == 30
+    assert report["best_step"] in (4, 8)
+    for split in ("valid", "test"):
+        assert set(report[split]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+        assert 0 <= report[split]["ndcg@10"] <= report[split]["recall@10"] <= 1
+        assert report[split]["recall@5"] <= report[split]["recall@10"]
+    assert 0 <= report["invalid_rate_unconstrained"] <= 1
+    for name in ("curves.png", "config.gin", "results.md", "best.pt", "checkpoint.pt", "train.log"):
+        assert (out / name).is_file(), name
+    assert "Tiger.n_layers = 2" in (out / "config.gin").read_text()
+    # The best checkpoint is the one whose validation recall@10 was highest.
+    history = torch.load(out / "checkpoint.pt", weights_only=False)["history"]
+    best = max(history["valid"], key=lambda entry: entry[1]["recall@10"])
+    assert best[0] == report["best_step"] and best[1] == report["valid"]
+    # A finished run is skipped: a different config would otherwise change the answer.
+    stamp = (out / "metrics.json").stat().st_mtime_ns
+    assert run_train(run, out, "train_decoder.iterations = 2") == on_disk
+    assert (out / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_random_ids_baseline_replaces_codes(tmp_path):
+    run = make_run(tmp_path / "run")
+    real = train_decoder.load_semantic_ids(run, run / "rqvae", None, random_ids=False, seed=0)[0]
+    fake, sizes = train_decoder.load_semantic_ids(run, run / "rqvae", None, random_ids=True, seed=0)
+    assert list(sizes) == [4, 4, int(real[:, 2].max()) + 1]
+    assert fake.shape == real.shape and not np.array_equal(fake, real)
+    assert len(np.unique(fake, axis=0)) == len(fake) and (fake < np.array(sizes)).all()
+    report = run_train(run, tmp_path / "out", "train_decoder.random_ids = True\ntrain_decoder.iterations = 4")
+    assert report["model"] == "tiger_random_ids" and report["semantic_ids"] == "random"
+
+
+def test_resume_refuses_a_checkpoint_trained_on_other_semantic_ids(tmp_path):
+    run = make_run(tmp_path / "run")
+    assert run_train(run, tmp_path / "out", stop_at_step=2) is None
+    ids = np.load(run / "rqvae" / "semantic_ids.npy")
+    ids[[0, 1]] = ids[[1, 0]]  # the RQ-VAE step was re-run: same shape, other assignment
+    artifacts.save_npy(run / "rqvae" / "semantic_ids.npy", ids)
+    with pytest.raises(ValueError, match="other semantic IDs"):
+        run_train(run, tmp_path / "out")
+
+
+def test_gin_codebook_sizes_that_disagree_with_the_data_is_an_error(tmp_path):
+    run = make_run(tmp_path / "run")
+    actual = json.loads((run / "rqvae" / "semantic_ids.json").read_text())["codebook_sizes"]
+    with pytest.raises(ValueError, match=r"\[8, 4, 3\].*" + str(actual).replace("[", r"\[").replace("]", r"\]")):
+        run_train(run, tmp_path / "out", "train_decoder.codebook_sizes = [8, 4, 3]")
+
+
+def test_misaligned_or_broken_semantic_ids_are_rejected(tmp_path):
+    run = make_run(tmp_path / "run")
+    movie_ids = np.load(run / "rqvae" / "movie_ids.npy")
+    artifacts.save_npy(run / "rqvae" / "movie_ids.npy", movie_ids[::-1].copy())
+    with pytest.raises(artifacts.ArtifactError, match="not aligned"):
+        train_decoder.load_semantic_ids(run, run / "rqvae", None, False, 0)
+    artifacts.save_npy(run / "rqvae" / "movie_ids.npy", movie_ids)
+    ids = np.load(run / "rqvae" / "semantic_ids.npy")
+    ids[1] = ids[0]
+    artifacts.save_npy(run / "rqvae" / "semantic_ids.npy", ids)
+    with pytest.raises(artifacts.ArtifactError, match="semantic_ids.npy.*not unique"):
+        train_decoder.load_semantic_ids(run, run / "rqvae", None, False, 0)
+
+
+def test_data_order_covers_each_epoch_once_and_shards_ranks():
+    order = train_decoder.DataOrder(n_examples=10, seed=1)
+    stream = np.concatenate([order.batch(step, 4) for step in range(5)])  # 20 examples = 2 epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    shards = [train_decoder.DataOrder(10, 1).batch(3, 4, rank, 2) for rank in range(2)]
+    assert sorted(np.concatenate(shards)) == sorted(order.batch(3, 4))
+
+
+def test_training_examples_are_every_prefix_of_the_training_history():
+    # Two users: events 0..5 (valid at 4) and 6..9 (valid at 8).
+    positions = training_target_positions(np.array([0, 6]), np.array([4, 8]), min_history=1)
+    assert positions.tolist() == [1, 2, 3, 7]
+    item_index = np.array([10, 11, 12, 13, 14, 15, 20, 21, 22, 23])
+    windows = history_windows(item_index, np.array([0, 0, 6]), np.array([3, 5, 7]), max_history=3)
+    assert windows.tolist() == [[10, 11, 12], [12, 13, 14], [NO_ITEM, NO_ITEM, 20]]
+
+
+def test_tokens_use_one_slice_per_level_and_pad_history():
+    vocab = Vocabulary((4, 4, 3), n_user_buckets=5)
+    semantic_ids = np.array([[0, 0, 0], [3, 3, 2]])
+    tokens = semantic_id_tokens(semantic_ids, vocab)
+    assert tokens.tolist() == [[2, 6, 10], [5, 9, 12]]
+    assert vocab.size == 2 + 11 + 5 and vocab.user_token_offset == 13
+    src = encode_histories(np.array([[NO_ITEM, 1]]), np.array([14]), tokens)
+    assert src.tolist() == [[14, PAD_TOKEN, PAD_TOKEN, PAD_TOKEN, 5, 9, 12]]
+    buckets = hash_users(np.arange(10_000), 2000)
+    assert buckets.min() >= 0 and buckets.max() < 2000 and len(np.unique(buckets)) > 1900
+    assert np.array_equal(buckets, hash_users(np.arange(10_000), 2000))
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("decoder_*.gin")), ids=lambda p: p.name)
+def test_decoder_configs_parse_and_build_a_model(config, monkeypatch):
+    monkeypatch.chdir(REPO)  # configs include each other by repo-relative path
+    gin.clear_config()
+    try:
+        gin.parse_config_file(str(config))
+        assert gin.query_parameter("train_decoder.iterations") > 0
+        model = train_decoder.ConfiguredTiger(vocab=Vocabulary((256, 256, 256, 8), 2000), max_history=5)
+        assert model.src_length == 1 + 5 * 4 and len(model.encoder_layers) == len(model.decoder_layers)
+    finally:
+        gin.clear_config()

@@ -1,0 +1,577 @@
+"""Train the TIGER decoder on semantic IDs and evaluate it with constrained beam search (pipeline step 7).
+
+    python train_decoder.py configs/decoder_ml25m.gin --run runs/ml25m [--semantic-ids runs/ml25m/rqvae]
+        [--out runs/ml25m/decoder] [--random-ids] [--overwrite] [--threads N] [--gin_param 'train_decoder.iterations = 1000']
+    torchrun --nproc_per_node 8 train_decoder.py configs/decoder_ml25m.gin --gin_param "RUN_DIR = 'runs/ml25m'"
+
+(Under torchrun pass the run folder as the RUN_DIR macro, or rely on the config's: torchrun's own parser
+takes `--run` for its `--run-path`.)
+
+Reads RUN/item_ids.npy, RUN/interactions.npz and SEMANTIC_IDS/{semantic_ids.npy, movie_ids.npy,
+semantic_ids.json}. Writes into OUT: metrics.json, results.md, curves.png, config.gin, train.log,
+checkpoint.pt (latest, for resuming) and best.pt (best validation recall@10). A finished run (metrics.json
+present) is skipped unless --overwrite; a killed run resumes from checkpoint.pt and ends with the same
+weights and metrics as an uninterrupted one (the data order is a function of the seed and the step).
+
+Protocol: leave-one-out (modules.split), full-catalogue ranking, seen items excluded, validation on
+the second-to-last item during training, the test item touched once with the best validation weights.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import gin
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from experiments import artifacts
+from modules import metrics as ranking
+from modules.beam_search import NO_ITEM, SemanticIdTrie, beam_search
+from modules.sequences import (Vocabulary, check_semantic_ids, encode_histories, hash_users, history_windows,
+                               random_semantic_ids, semantic_id_tokens, training_target_positions, user_of_positions)
+from modules.split import leave_one_out
+from modules.tiger import Tiger
+
+log = logging.getLogger("train_decoder")
+ConfiguredTiger = gin.external_configurable(Tiger, name="Tiger")
+RQVAE_SCRIPT = "train_rqvae.py (pipeline step 6)"
+CHECKPOINT_FILE, BEST_FILE, METRICS_FILE = "checkpoint.pt", "best.pt", "metrics.json"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class DecoderData:
+    """Everything the decoder reads, aligned to the run's item rows.
+
+    semantic_ids: (N, L+1) int64 codes; item_tokens: (N, L+1) their token ids.
+    user_tokens:  (U,) token id of each user row's hashed bucket.
+    train_positions: (E,) CSR positions of every training target.
+    """
+
+    interactions: artifacts.Interactions
+    semantic_ids: np.ndarray
+    vocab: Vocabulary
+    item_tokens: np.ndarray
+    user_tokens: np.ndarray
+    valid_pos: np.ndarray
+    test_pos: np.ndarray
+    train_positions: np.ndarray
+    max_history: int
+
+    @property
+    def n_items(self) -> int:
+        return len(self.semantic_ids)
+
+    @property
+    def ids_digest(self) -> str:
+        """SHA-1 of the semantic IDs: a checkpoint only resumes on the IDs it was trained on."""
+        return hashlib.sha1(np.ascontiguousarray(self.semantic_ids, dtype=np.int64).tobytes()).hexdigest()
+
+    def encoder_inputs(self, target_pos: np.ndarray) -> np.ndarray:
+        """(B,) target positions -> (B, 1 + H*(L+1)) encoder tokens of the H items before each target."""
+        users = user_of_positions(self.interactions.offsets, target_pos)
+        windows = history_windows(self.interactions.item_index, self.interactions.offsets[users], target_pos,
+                                  self.max_history)
+        return encode_histories(windows, self.user_tokens[users], self.item_tokens)
+
+    def target_codes(self, target_pos: np.ndarray) -> np.ndarray:
+        """(B,) target positions -> (B, L+1) semantic ID of each target item."""
+        return self.semantic_ids[self.interactions.item_index[target_pos]]
+
+    def seen_items(self, target_pos: np.ndarray, device: torch.device) -> torch.Tensor:
+        """(B, N) bool: every item of the user's history before the target (excluded from rankings)."""
+        users = user_of_positions(self.interactions.offsets, target_pos)
+        starts = self.interactions.offsets[users]
+        lengths = target_pos - starts
+        rows = np.repeat(np.arange(len(target_pos)), lengths)
+        positions = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(starts, lengths)
+        seen = torch.zeros(len(target_pos), self.n_items, dtype=torch.bool, device=device)
+        seen[torch.as_tensor(rows, device=device),
+             torch.as_tensor(self.interactions.item_index[positions].astype(np.int64), device=device)] = True
+        return seen
+
+
+def load_semantic_ids(run_dir: Path, semantic_ids_dir: Path, codebook_sizes: list[int] | None,
+                      random_ids: bool, seed: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The (N, L+1) semantic IDs and codebook sizes of the run, checked against item_ids.npy.
+
+    With random_ids, the codes are replaced by random unique codes of the same codebook sizes; the
+    sizes then come from semantic_ids.json, or from the gin value `train_decoder.codebook_sizes` when the
+    RQ-VAE step has not run yet.
+    """
+    item_ids = artifacts.load_item_ids(run_dir)
+    info_path = semantic_ids_dir / "semantic_ids.json"
+    if random_ids and not info_path.is_file() and codebook_sizes is not None:
+        log.info("random IDs with codebook sizes %s from the gin config (%s is absent)", codebook_sizes, info_path)
+        return random_semantic_ids(len(item_ids), tuple(codebook_sizes), seed), tuple(codebook_sizes)
+    info = artifacts.load_json(info_path, RQVAE_SCRIPT)
+    if "codebook_sizes" not in info:
+        raise artifacts.ArtifactError(f"{info_path} has no field 'codebook_sizes': re-run {RQVAE_SCRIPT}.")
+    file_sizes = tuple(int(k) for k in info["codebook_sizes"])
+    if codebook_sizes is not None and tuple(codebook_sizes) != file_sizes:
+        raise ValueError(f"train_decoder.codebook_sizes = {list(codebook_sizes)} in the gin config disagrees with "
+                         f"codebook_sizes = {list(file_sizes)} in {info_path}: remove the gin binding "
+                         "(the vocabulary comes from the data) or point --semantic-ids at the matching folder.")
+    ids_path, movies_path = semantic_ids_dir / "semantic_ids.npy", semantic_ids_dir / "movie_ids.npy"
+    for path in (ids_path, movies_path):
+        if not path.is_file():
+            raise artifacts.ArtifactError(f"{path} is missing: run {RQVAE_SCRIPT} first.")
+    artifacts.check_aligned(np.load(movies_path), item_ids, movies_path, RQVAE_SCRIPT)
+    semantic_ids = np.load(ids_path)
+    if len(semantic_ids) != len(item_ids):
+        raise artifacts.ArtifactError(f"{ids_path} has {len(semantic_ids)} rows but {movies_path} has "
+                                      f"{len(item_ids)}: re-run {RQVAE_SCRIPT}.")
+    try:
+        check_semantic_ids(semantic_ids, file_sizes)
+    except ValueError as error:
+        raise artifacts.ArtifactError(f"{ids_path} (codebook_sizes from {info_path}): {error} "
+                                      f"Re-run {RQVAE_SCRIPT}.") from error
+    if random_ids:
+        return random_semantic_ids(len(item_ids), file_sizes, seed), file_sizes
+    return semantic_ids.astype(np.int64), file_sizes
+
+
+def load_data(run_dir: Path, semantic_ids_dir: Path, codebook_sizes, random_ids: bool, seed: int,
+              max_history: int, n_user_buckets: int) -> DecoderData:
+    """Read the run folder and build the token tables and training targets."""
+    semantic_ids, sizes = load_semantic_ids(run_dir, semantic_ids_dir, codebook_sizes, random_ids, seed)
+    interactions = artifacts.load_interactions(run_dir)
+    split = leave_one_out(interactions.offsets)
+    vocab = Vocabulary(sizes, n_user_buckets)
+    data = DecoderData(interactions=interactions, semantic_ids=semantic_ids, vocab=vocab,
+                       item_tokens=semantic_id_tokens(semantic_ids, vocab),
+                       user_tokens=hash_users(interactions.user_ids, n_user_buckets) + vocab.user_token_offset,
+                       valid_pos=split.valid_pos, test_pos=split.test_pos,
+                       train_positions=training_target_positions(split.starts, split.valid_pos),
+                       max_history=max_history)
+    log.info("%d items, %d users, %d training examples, codebook sizes %s, vocabulary %d tokens",
+             data.n_items, interactions.n_users, len(data.train_positions), list(sizes), vocab.size)
+    return data
+
+
+class DataOrder:
+    """Training targets in a seeded shuffled order, one permutation per epoch.
+
+    Batch `step` is the slice [step*B, (step+1)*B) of the endless stream of epochs, so the order is a
+    pure function of (seed, step): resuming at a step needs no saved iterator. Each rank takes every
+    world-th example of the global batch (DistributedSampler-like sharding).
+    """
+
+    def __init__(self, n_examples: int, seed: int):
+        self.n_examples, self.seed = n_examples, seed
+        self._epoch, self._permutation = -1, None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(self.n_examples)
+        return self._permutation
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        """Indices (into the training targets) of this rank's share of global batch `step`."""
+        stream = np.arange(step * batch_size, (step + 1) * batch_size)[rank::world]
+        epochs = stream // self.n_examples
+        return np.concatenate([self.permutation(int(e))[stream[epochs == e] % self.n_examples]
+                               for e in np.unique(epochs)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed setup, checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    """Where this process runs: device, rank, world size, mixed precision."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast on CUDA, nothing on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+
+def setup_runtime() -> Runtime:
+    """Join the torchrun process group when WORLD_SIZE > 1; pick CUDA when present, else CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if rank:
+        log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log.info("device %s (rank %d of %d)%s", device, rank, world,
+             ", bf16 autocast" if device.type == "cuda" else "")
+    return Runtime(device=device, rank=rank, world=world)
+
+
+def rng_states() -> dict:
+    """Python, numpy and torch (CPU and CUDA) random states of this process."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: dict, config: str,
+                    runtime: Runtime) -> None:
+    """Write model, optimiser, scheduler, step, curves and every rank's RNG states (rank 0 writes)."""
+    states = [None] * runtime.world
+    if runtime.world > 1:
+        dist.all_gather_object(states, rng_states())
+    else:
+        states = [rng_states()]
+    if runtime.is_main:
+        with artifacts.atomic_path(path) as tmp:
+            torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step, "history": history,
+                        "rng": states, "config": config}, tmp)
+    if runtime.world > 1:
+        dist.barrier()
+
+
+def unwrap(model: torch.nn.Module) -> Tiger:
+    """The Tiger inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, final_fraction: float):
+    """LR multiplier: linear warm-up to 1, then cosine decay to `final_fraction` at `total_steps`."""
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+    return multiplier
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: Tiger, data: DecoderData, trie: SemanticIdTrie, target_pos: np.ndarray, runtime: Runtime,
+             beam_width: int, top_k: int, batch_size: int, desc: str) -> dict:
+    """Recall/NDCG@5,10 of constrained beam search over the full catalogue, seen items excluded.
+
+    target_pos: (U,) CSR position of each evaluated user's target; users are sharded across ranks
+    and the sums reduced, so every rank returns the same means.
+    """
+    model.eval()
+    mine = target_pos[runtime.rank::runtime.world]
+    names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10)]
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=runtime.device)
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not runtime.is_main, leave=False):
+        positions = mine[start:start + batch_size]
+        src = torch.as_tensor(data.encoder_inputs(positions), device=runtime.device)
+        with runtime.autocast():
+            result = beam_search(model, src, trie, beam_width, top_k, seen=data.seen_items(positions, runtime.device))
+        batch_metrics = ranking.ranking_metrics(result.items.cpu().numpy(), data.interactions.item_index[positions])
+        sums += torch.tensor([len(positions)] + [batch_metrics[n] * len(positions) for n in names],
+                             dtype=torch.float64, device=runtime.device)
+    sums = runtime.all_reduce_sum(sums)
+    return {name: float(sums[i + 1] / sums[0]) for i, name in enumerate(names)}
+
+
+@torch.no_grad()
+def unconstrained_invalid_rate(model: Tiger, data: DecoderData, trie: SemanticIdTrie, target_pos: np.ndarray,
+                               runtime: Runtime, beam_width: int, top_k: int, batch_size: int) -> float:
+    """Fraction of the top_k IDs of beam search without the trie that are no real item."""
+    model.eval()
+    mine = target_pos[runtime.rank::runtime.world]
+    counts = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    for start in tqdm(range(0, len(mine), batch_size), desc="unconstrained", disable=not runtime.is_main, leave=False):
+        positions = mine[start:start + batch_size]
+        src = torch.as_tensor(data.encoder_inputs(positions), device=runtime.device)
+        with runtime.autocast():
+            items = beam_search(model, src, trie, beam_width, top_k, constrained=False).items
+        counts += torch.tensor([(items == NO_ITEM).sum().item(), items.numel()], dtype=torch.float64,
+                               device=runtime.device)
+    counts = runtime.all_reduce_sum(counts)
+    return float(counts[0] / counts[1])
+
+
+def validation_users(data: DecoderData, max_users: int | None, seed: int) -> np.ndarray:
+    """Validation target positions: every user, or a fixed seeded sample of `max_users` of them."""
+    if max_users is None or max_users >= len(data.valid_pos):
+        return data.valid_pos
+    rows = np.sort(np.random.default_rng([seed, 1]).choice(len(data.valid_pos), max_users, replace=False))
+    return data.valid_pos[rows]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------
+
+def log_to_file(path: Path) -> None:
+    """Also append this process's log to `path` (rank 0 only)."""
+    if not any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in logging.getLogger().handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+
+
+def write_curves(path: Path, history: dict) -> None:
+    """PNG: training loss and validation recall@10 over steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (loss_ax, recall_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    if history["train_loss"]:
+        steps, losses = zip(*history["train_loss"])
+        loss_ax.plot(steps, losses)
+    loss_ax.set(xlabel="step", ylabel="train loss (mean CE per code)", title="training loss")
+    if history["valid"]:
+        steps, values = zip(*[(s, m["recall@10"]) for s, m in history["valid"]])
+        recall_ax.plot(steps, values, marker="o")
+    recall_ax.set(xlabel="step", ylabel="validation recall@10", title="validation recall@10")
+    fig.tight_layout()
+    with artifacts.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def results_markdown(report: dict) -> str:
+    """A one-table markdown summary of metrics.json."""
+    names = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
+    lines = [f"# {report['model']} on {report['dataset']}", "",
+             f"Leave-one-out, full-catalogue ranking, seen items excluded; beam {report['beam_width']}, "
+             f"best validation step {report['best_step']}, {report['n_test_users']} test users.", "",
+             "| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for split in ("valid", "test"):
+        lines.append(f"| {split} | " + " | ".join(f"{report[split][n]:.4f}" for n in names) + " |")
+    lines += ["", f"Invalid IDs in unconstrained top-{report['top_k']} beam search: "
+                  f"{100 * report['invalid_rate_unconstrained']:.2f}%", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+@gin.configurable("train_decoder", denylist=["run_dir", "semantic_ids_dir", "out_dir", "overwrite", "stop_at_step"])
+def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None = None, *,
+          dataset: str = gin.REQUIRED, iterations: int = gin.REQUIRED, batch_size: int = 256,
+          learning_rate: float = 3e-4, weight_decay: float = 0.035, warmup_steps: int = 1000,
+          final_lr_fraction: float = 0.1, grad_clip: float = 1.0, max_history: int = 20,
+          n_user_buckets: int = 2000, codebook_sizes: list[int] | None = None, random_ids: bool = False,
+          seed: int = 0, beam_width: int = 20, top_k: int = 10, log_every: int = 50, eval_every: int = 1000,
+          checkpoint_every: int = 1000, eval_batch_size: int = 256, valid_max_users: int | None = None,
+          overwrite: bool = False, stop_at_step: int | None = None) -> dict | None:
+    """Train TIGER on RUN's histories, keep the best validation checkpoint, evaluate it once on test.
+
+    Folders: run_dir (item_ids.npy, interactions.npz), semantic_ids_dir (default RUN/rqvae),
+    out_dir (default RUN/decoder, or RUN/decoder_random_ids). batch_size is the global batch (all ranks).
+    stop_at_step stops after that many steps with a checkpoint (to test resuming); returns None then.
+    Returns the metrics.json dict.
+    """
+    run_dir = Path(run_dir)
+    semantic_ids_dir = Path(semantic_ids_dir) if semantic_ids_dir else run_dir / "rqvae"
+    out_dir = Path(out_dir) if out_dir else run_dir / ("decoder_random_ids" if random_ids else "decoder")
+    runtime = setup_runtime()
+    if (out_dir / METRICS_FILE).is_file() and not overwrite:
+        log.info("%s exists: skipping (pass --overwrite to retrain)", out_dir / METRICS_FILE)
+        return artifacts.load_json(out_dir / METRICS_FILE, "train_decoder.py")
+    if overwrite and runtime.is_main:
+        for name in (CHECKPOINT_FILE, BEST_FILE, METRICS_FILE, "train.log", "curves.png", "results.md"):
+            (out_dir / name).unlink(missing_ok=True)
+    if runtime.world > 1:
+        dist.barrier()
+    if batch_size % runtime.world:
+        raise ValueError(f"train_decoder.batch_size = {batch_size} must be divisible by the {runtime.world} ranks.")
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed + runtime.rank)  # different dropout masks per rank, same initial weights below
+    data = load_data(run_dir, semantic_ids_dir, codebook_sizes, random_ids, seed, max_history, n_user_buckets)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ConfiguredTiger(vocab=data.vocab, max_history=max_history).to(runtime.device)
+    log.info("Tiger: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    config = gin.config_str() + f"\n# semantic ids sha1 {data.ids_digest}\n"  # resume only on the same IDs
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        folders = f"# run_dir: {run_dir}\n# semantic_ids_dir: {semantic_ids_dir}\n# out_dir: {out_dir}\n\n"
+        artifacts.save_text(out_dir / "config.gin", folders + gin.operative_config_str())
+        log_to_file(out_dir / "train.log")
+    trie = SemanticIdTrie(torch.as_tensor(data.semantic_ids), data.vocab.codebook_sizes).to(runtime.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, iterations, final_lr_fraction))
+    history = {"train_loss": [], "valid": [], "best_step": None, "best_recall": -1.0, "loss_window": [0.0, 0]}
+    start_step, history = resume(out_dir / CHECKPOINT_FILE, model, optimizer, scheduler, config, runtime, history)
+    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+                 if runtime.world > 1 else model)
+    order = DataOrder(len(data.train_positions), seed)
+    valid_targets = validation_users(data, valid_max_users, seed)
+    eval_args = dict(beam_width=beam_width, top_k=top_k, batch_size=eval_batch_size)
+
+    progress = tqdm(range(start_step, iterations), initial=start_step, total=iterations, desc="train",
+                    disable=not runtime.is_main)
+    for step in progress:
+        if stop_at_step is not None and step == stop_at_step:
+            save_checkpoint(out_dir / CHECKPOINT_FILE, model, optimizer, scheduler, step, history, config, runtime)
+            log.info("stopped at step %d as asked (stop_at_step); run again to resume", step)
+            return None
+        loss = train_step(ddp_model, optimizer, scheduler, data, order.batch(step, batch_size, runtime.rank, runtime.world),
+                          grad_clip, runtime)
+        done = step + 1
+        history["loss_window"][0] += loss
+        history["loss_window"][1] += 1
+        if done % log_every == 0 or done == iterations:
+            window = runtime.all_reduce_sum(torch.tensor(history["loss_window"], dtype=torch.float64, device=runtime.device))
+            history["train_loss"].append([done, float(window[0] / window[1])])
+            history["loss_window"] = [0.0, 0]
+            progress.set_postfix(loss=f"{history['train_loss'][-1][1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if done % eval_every == 0 or done == iterations:
+            validate(model, data, trie, valid_targets, runtime, eval_args, done, history, out_dir)
+        if done % checkpoint_every == 0 or done == iterations:
+            save_checkpoint(out_dir / CHECKPOINT_FILE, model, optimizer, scheduler, done, history, config, runtime)
+    return finish(model, data, trie, runtime, eval_args, history, out_dir, dataset=dataset, random_ids=random_ids,
+                  iterations=iterations, semantic_ids_dir=semantic_ids_dir)
+
+
+def train_step(model, optimizer, scheduler, data: DecoderData, example_indices: np.ndarray, grad_clip: float,
+               runtime: Runtime) -> float:
+    """One optimiser step on this rank's share of the batch; returns the local loss."""
+    model.train()
+    positions = data.train_positions[example_indices]
+    src = torch.as_tensor(data.encoder_inputs(positions), device=runtime.device)
+    targets = torch.as_tensor(data.target_codes(positions), device=runtime.device)
+    with runtime.autocast():
+        loss = model(src, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+def validate(model: Tiger, data, trie, valid_targets, runtime: Runtime, eval_args: dict, step: int, history: dict,
+             out_dir: Path) -> None:
+    """Validation metrics at `step`; keep best.pt when recall@10 improves (ties keep the earlier step)."""
+    metrics = evaluate(model, data, trie, valid_targets, runtime, desc=f"valid@{step}", **eval_args)
+    history["valid"].append([step, metrics])
+    log.info("step %d validation %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if metrics["recall@10"] > history["best_recall"]:
+        history["best_recall"], history["best_step"] = metrics["recall@10"], step
+        if runtime.is_main:
+            with artifacts.atomic_path(out_dir / BEST_FILE) as tmp:
+                torch.save({"model": model.state_dict(), "step": step}, tmp)
+    if runtime.is_main:
+        write_curves(out_dir / "curves.png", history)
+
+
+def resume(path: Path, model, optimizer, scheduler, config: str, runtime: Runtime, history: dict) -> tuple[int, dict]:
+    """Restore a checkpoint if one exists; returns (its step, its curves), or (0, history) when starting fresh."""
+    if not path.is_file():
+        return 0, history
+    checkpoint = torch.load(path, map_location=runtime.device, weights_only=False)
+    if checkpoint["config"] != config:
+        raise ValueError(f"{path} was written with another gin config or other semantic IDs; pass --overwrite "
+                         "to start again, or restore the config and IDs it was trained with (see config.gin beside it).")
+    if len(checkpoint["rng"]) != runtime.world:
+        raise ValueError(f"{path} was written by {len(checkpoint['rng'])} ranks, this run has {runtime.world}: "
+                         "resume with the same number of processes, or --overwrite.")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    set_rng_states(checkpoint["rng"][runtime.rank])
+    log.info("resumed from %s at step %d", path, checkpoint["step"])
+    return int(checkpoint["step"]), checkpoint["history"]
+
+
+def finish(model: Tiger, data: DecoderData, trie, runtime: Runtime, eval_args: dict, history: dict, out_dir: Path,
+           **info) -> dict:
+    """Load the best validation weights, evaluate valid and test once, write metrics.json and results.md."""
+    if runtime.world > 1:
+        dist.barrier()  # rank 0 wrote best.pt
+    best = torch.load(out_dir / BEST_FILE, map_location=runtime.device, weights_only=False)
+    model.load_state_dict(best["model"])
+    valid = evaluate(model, data, trie, data.valid_pos, runtime, desc="valid", **eval_args)
+    test = evaluate(model, data, trie, data.test_pos, runtime, desc="test", **eval_args)
+    invalid = unconstrained_invalid_rate(model, data, trie, data.test_pos, runtime, **eval_args)
+    report = {"model": "tiger_random_ids" if info["random_ids"] else "tiger", "dataset": info["dataset"],
+              "n_test_users": len(data.test_pos), "valid": valid, "test": test,
+              "invalid_rate_unconstrained": invalid, "best_step": best["step"], "iterations": info["iterations"],
+              "beam_width": eval_args["beam_width"], "top_k": eval_args["top_k"],
+              "semantic_ids": "random" if info["random_ids"] else str(info["semantic_ids_dir"]),
+              "semantic_ids_sha1": data.ids_digest}
+    log.info("test %s; unconstrained invalid-ID rate %.4f", " ".join(f"{k}={v:.4f}" for k, v in test.items()), invalid)
+    if runtime.is_main:
+        write_curves(out_dir / "curves.png", history)
+        artifacts.save_text(out_dir / "results.md", results_markdown(report))
+        artifacts.save_json(out_dir / METRICS_FILE, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="+", help="gin config file(s), e.g. configs/decoder_ml25m.gin")
+    parser.add_argument("--run", help="run folder with item_ids.npy and interactions.npz (default: the RUN_DIR macro of the config)")
+    parser.add_argument("--semantic-ids", help="folder with semantic_ids.npy/.json and movie_ids.npy (default RUN/rqvae)")
+    parser.add_argument("--out", help="output folder (default RUN/decoder, RUN/decoder_random_ids with --random-ids)")
+    parser.add_argument("--random-ids", action="store_true", help="random-semantic-ID baseline (train_decoder.random_ids)")
+    parser.add_argument("--overwrite", action="store_true", help="retrain even if metrics.json exists")
+    parser.add_argument("--stop-at-step", type=int, help="stop with a checkpoint after this many steps")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy shared machine)")
+    parser.add_argument("--gin_param", action="append", default=[], help="extra gin binding, e.g. 'train_decoder.iterations = 10'")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = list(args.gin_param) + (["train_decoder.random_ids = True"] if args.random_ids else [])
+    gin.parse_config_files_and_bindings(args.config, params)
+    run_dir = args.run or _gin_run_dir(args.config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    result = train(run_dir, args.semantic_ids, args.out, overwrite=args.overwrite, stop_at_step=args.stop_at_step)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+def _gin_run_dir(config_files: list[str]) -> str:
+    """The RUN_DIR macro of the gin config, used when --run is not given."""
+    try:
+        return gin.query_parameter("%RUN_DIR")
+    except ValueError:
+        raise SystemExit(f"no run folder: pass --run RUN or bind RUN_DIR = '...' in {config_files}.") from None
+
+
+if __name__ == "__main__":
+    main()
