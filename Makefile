@@ -13,8 +13,16 @@ DATA ?= dataset/demo
 RUN ?= runs/demo
 POSTERS ?= $(DATA)/posters
 PRESET ?= ml_small
+RQVAE_GIN ?= configs/rqvae_$(PRESET).gin
+DECODER_GIN ?= configs/decoder_$(PRESET).gin
+SASREC_GIN ?= configs/sasrec_$(PRESET).gin
+BACKBONE ?= efficientnet_lite0
+IMAGE_SIZE ?= 224
+BLOCKS ?=
+SEEDS ?= 0,1,2
+SETS ?= genres_year,text,poster,all
 
-.PHONY: venv test demo prepare pipeline bench clean-demo
+.PHONY: venv test demo prepare features pipeline ablation posters-check clean-demo
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -28,11 +36,40 @@ test: venv
 prepare: venv
 	$(PY) experiments/02_prepare_interactions.py --data $(DATA) --run $(RUN)
 
-pipeline: prepare
+posters-check:
+	@if [ ! -d "$(POSTERS)" ]; then \
+	  echo "error: no poster folder at $(POSTERS). Download posters (experiments/03_download_posters.py --data $(DATA)),"; \
+	  echo "       pass POSTERS=<folder of {movieId}.jpg>, or run without the poster block: BLOCKS=genres,year,tags"; \
+	  exit 2; fi
+
+features: prepare
+	@if [ -n "$(BLOCKS)" ] && [[ ",$(BLOCKS)," != *",poster,"* ]]; then \
+	  echo "BLOCKS=$(BLOCKS) has no poster block: skipping poster features"; \
+	else \
+	  $(MAKE) --no-print-directory posters-check DATA=$(DATA) POSTERS=$(POSTERS) && \
+	  $(PY) experiments/04_extract_poster_features.py --run $(RUN) --posters $(POSTERS) \
+	    --backbone $(BACKBONE) --image-size $(IMAGE_SIZE); \
+	fi
+	$(PY) experiments/05_fuse_item_features.py $(RQVAE_GIN) --run $(RUN) --data $(DATA) \
+	  --posters-features $(RUN)/poster_features $(if $(BLOCKS),--blocks $(BLOCKS))
+
+pipeline: features
+	$(PY) train_rqvae.py $(RQVAE_GIN) --run $(RUN)
+	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN)
+	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN) --random-ids
+	$(PY) experiments/07_train_baselines.py --run $(RUN) --sasrec-config $(SASREC_GIN)
+	$(PY) experiments/08_report.py --run $(RUN)
+	@cat $(RUN)/results.md
+
+ablation: features
+	$(PY) experiments/09_ablation.py --run $(RUN) --data $(DATA) --rqvae-config $(RQVAE_GIN) \
+	  --decoder-config $(DECODER_GIN) --sets $(SETS) --seeds $(SEEDS)
 
 demo: venv
 	$(PY) experiments/00_make_demo_data.py --out dataset/demo
-	$(MAKE) --no-print-directory pipeline DATA=dataset/demo RUN=runs/demo PRESET=demo
+	$(MAKE) --no-print-directory pipeline DATA=dataset/demo RUN=runs/demo PRESET=demo IMAGE_SIZE=128
+	$(MAKE) --no-print-directory ablation DATA=dataset/demo RUN=runs/demo PRESET=demo IMAGE_SIZE=128 \
+	  SETS=text,all SEEDS=0,1
 
 clean-demo:
 	rm -rf dataset/demo runs/demo

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -54,15 +53,20 @@ def make_ml25m_like(folder: Path, n_ratings: int, n_users: int, seed: int = 0) -
     os.replace(tmp, folder / "ratings.csv")
 
 
-def timed_child(cmd: list[str]) -> tuple[float, float]:
-    """Run `cmd`, return (wall seconds, peak RSS GiB of the child)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+# Runs a command in a fresh interpreter and reports that process's own peak RSS (ru_maxrss of RUSAGE_CHILDREN
+# would be the maximum over every child so far, hiding a smaller second measurement).
+_PEAK_WRAPPER = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+                 "exec(sys.argv[1]) if sys.argv[0] == '-c' else runpy.run_path(sys.argv[0], run_name='__main__'); "
+                 "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+
+
+def timed_child(args: list[str]) -> tuple[float, float]:
+    """Run `python <args>` in a fresh process; return (wall seconds, its peak RSS in GiB)."""
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *args], check=True, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kib <= before:
-        print("warning: peak RSS not above an earlier child's; run each measurement in its own process")
+    peak_kib = int(next(line for line in done.stderr.splitlines() if line.startswith("PEAK_KIB")).split()[1])
     return wall, peak_kib / 2**20
 
 
@@ -78,12 +82,11 @@ def main() -> None:
     make_ml25m_like(data, args.ratings, args.users)
     print(f"data ready in {time.perf_counter() - start:.0f}s: {(data / 'ratings.csv').stat().st_size / 1e6:.0f} MB")
     run = args.work / "run"
-    wall, peak = timed_child([sys.executable, "experiments/02_prepare_interactions.py", "--data", str(data),
-                              "--run", str(run), "--overwrite"])
+    wall, peak = timed_child(["experiments/02_prepare_interactions.py", "--data", str(data), "--run", str(run),
+                              "--overwrite"])
     print(f"| prepare (02_prepare_interactions.py) | {args.ratings:,} ratings | {wall:.1f} s | {peak:.2f} GiB |")
     if not args.skip_pandas:
-        wall, peak = timed_child([sys.executable, "-c",
-                                  f"import pandas; pandas.read_csv({str(data / 'ratings.csv')!r})"])
+        wall, peak = timed_child(["-c", f"import pandas; pandas.read_csv({str(data / 'ratings.csv')!r})"])
         print(f"| pandas.read_csv(ratings.csv) alone | {args.ratings:,} ratings | {wall:.1f} s | {peak:.2f} GiB |")
     print(f"load average: {os.getloadavg()}")
 
