@@ -360,10 +360,7 @@ def write_curves(path: Path, history: dict) -> None:
         steps, values = zip(*[(s, m["recall@10"]) for s, m in history["valid"]])
         recall_ax.plot(steps, values, marker="o")
     recall_ax.set(xlabel="step", ylabel="validation recall@10", title="validation recall@10")
-    fig.tight_layout()
-    with artifacts.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    artifacts.save_figure(path, fig, dpi=100)
 
 
 def results_markdown(report: dict) -> str:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from experiments.artifacts import (ArtifactError, atomic_path, load_item_ids, load_items, save_json, save_npy,
-                                   save_text)
+                                   save_figure, save_text)
 from experiments.ml25m import ML25MItemData, genre_matrix, load_item_features  # noqa: F401 (gin registration)
 from modules import rqvae as rqvae_module
 from modules.semantic_ids import add_collision_column, codebook_sizes, genre_jaccard, health
@@ -328,10 +328,7 @@ def plot_curves(path: Path, history: list[dict], n_levels: int) -> None:
     ax_usage.set_xlabel("step")
     ax_usage.set_ylabel("fraction of codes used")
     ax_usage.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(path, fig, dpi=100)
 
 
 def main(argv=None) -> dict:

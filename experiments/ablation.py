@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.artifacts import atomic_path, load_json, save_json, save_text
+from experiments.artifacts import load_json, save_figure, save_json, save_text
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,7 @@ def bar_plot(summary: dict, path: Path) -> None:
     ax.set_ylabel("test metric")
     ax.set_title("TIGER: does the poster block help?")
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(path, fig, dpi=120)
 
 
 def run_ablation(run: Path, data: Path, poster_features: Path, set_names: list[str], seeds: list[int],

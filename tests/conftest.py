@@ -31,6 +31,17 @@ def write_movielens(folder: Path, movies: str, ratings: str, links: str | None =
     return folder
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors on a shared machine: thread synchronisation costs more than it saves (3x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_demo_data(tmp_path_factory) -> Path:
     """A tiny demo dataset (64 movies, 60 users) in ML-25M format with posters."""

@@ -10,13 +10,7 @@ from modules.tiger import Tiger
 CODEBOOK_SIZES = (4, 3, 2)  # 24 possible IDs
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors on a shared machine: thread synchronisation costs more than it saves (3x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_setup(n_items=15, n_users=6, seed=0):

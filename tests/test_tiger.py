@@ -8,13 +8,7 @@ from modules.tiger import Tiger
 VOCAB = Vocabulary((5, 4, 3), n_user_buckets=6)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors on a shared machine: thread synchronisation costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed=0, **kwargs) -> Tiger:

@@ -34,13 +34,7 @@ train_decoder.eval_batch_size = 8
 """
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors on a shared machine: thread synchronisation costs more than it saves (3x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_run(folder: Path, n_items=40, n_users=30, seed=0) -> Path:
