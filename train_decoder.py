@@ -498,7 +498,9 @@ def resume(path: Path, model, optimizer, scheduler, config: str, runtime: Runtim
     """Restore a checkpoint if one exists; returns (its step, its curves), or (0, history) when starting fresh."""
     if not path.is_file():
         return 0, history
-    checkpoint = torch.load(path, map_location=runtime.device, weights_only=False)
+    # Load on the CPU: the saved RNG states must stay CPU ByteTensors (torch.set_rng_state rejects CUDA
+    # tensors); load_state_dict moves weights and optimiser state to the parameters' device.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if checkpoint["config"] != config:
         raise ValueError(f"{path} was written with another gin config or other semantic IDs; pass --overwrite "
                          "to start again, or restore the config and IDs it was trained with (see config.gin beside it).")

@@ -152,10 +152,15 @@ class Tiger(nn.Module):
         return self.decoder_norm(x)
 
     def level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
-        """(..., E) hidden state at decoder position `level` -> (..., K_level) logits of that level's codes."""
+        """(..., E) hidden state at decoder position `level` -> (..., K_level) float32 logits of that level's codes.
+
+        The head runs in float32 even under bf16 autocast: bf16 logits keep 8 mantissa bits, so nearby
+        codes would tie and beam scores would be coarse; the head is small, so this costs little.
+        """
         start = int(self.vocab.level_offsets[level])
         stop = start + self.vocab.codebook_sizes[level]
-        return F.linear(hidden, self.head.weight[start:stop], self.head.bias[start:stop])
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.head.weight[start:stop].float(), self.head.bias[start:stop].float())
 
     def next_level_log_probs(self, memory: torch.Tensor, memory_keep: torch.Tensor,
                              prefix_codes: torch.Tensor) -> torch.Tensor:

@@ -97,3 +97,17 @@ def test_bad_shapes_are_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match="expects 10"):
         model.encode(torch.ones(2, 7, dtype=torch.int64))
+
+
+def test_output_head_stays_float32_under_bf16_autocast():
+    # Beam scores must not be rounded to bf16 (8 mantissa bits): nearby codes would tie.
+    model = tiny_model()
+    hidden = torch.randn(7, 16)
+    exact = model.level_logits(hidden, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_logits = model.level_logits(hidden, 1)
+        src, codes = random_batch(model)
+        memory, keep = model.encode(src)
+        log_probs = model.next_level_log_probs(memory, keep, codes[:, :1])
+    assert autocast_logits.dtype == torch.float32 and log_probs.dtype == torch.float32
+    torch.testing.assert_close(autocast_logits, exact, rtol=0, atol=0)

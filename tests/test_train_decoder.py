@@ -196,3 +196,23 @@ def test_decoder_configs_parse_and_build_a_model(config, monkeypatch):
         assert model.src_length == 1 + 5 * 4 and len(model.encoder_layers) == len(model.decoder_layers)
     finally:
         gin.clear_config()
+
+
+def test_validation_and_test_inputs_hold_no_target_or_later_item(tmp_path):
+    run = make_run(tmp_path / "run")
+    data = train_decoder.load_data(run, run / "rqvae", None, False, 0, max_history=30, n_user_buckets=7)
+    offsets, item_index = data.interactions.offsets, data.interactions.item_index
+    n_levels = data.vocab.n_levels
+    # Training targets stop before each user's validation item.
+    users = np.searchsorted(offsets, data.train_positions, side="right") - 1
+    assert (data.train_positions < data.valid_pos[users]).all() and (data.train_positions > offsets[users]).all()
+    for name, positions, keep in (("valid", data.valid_pos, 2), ("test", data.test_pos, 1)):
+        src = data.encoder_inputs(positions)
+        seen = data.seen_items(positions, torch.device("cpu")).numpy()
+        for user in range(len(positions)):
+            history = item_index[offsets[user]:offsets[user + 1]]
+            expected = history[:len(history) - keep]  # valid: h[:n-2], test: h[:n-1]
+            items = src[user, 1:].reshape(-1, n_levels)
+            items = items[items[:, 0] != PAD_TOKEN]
+            assert np.array_equal(items, data.item_tokens[expected]), (name, user)
+            assert np.array_equal(np.flatnonzero(seen[user]), np.unique(expected)), (name, user)
