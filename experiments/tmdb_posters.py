@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import os
-import random
 import re
 import threading
 import time
@@ -46,6 +45,7 @@ import requests
 from PIL import Image
 from tqdm import tqdm
 
+from experiments import download
 from experiments.artifacts import atomic_path, save_json, save_text
 
 log = logging.getLogger(__name__)
@@ -200,20 +200,15 @@ class RateLimiter:
 
 
 @dataclass
-class RetryPolicy:
-    """Retries on 429/5xx/timeouts/bad bodies: backoff base * 2**attempt with +-50 % jitter, capped.
+class RetryPolicy(download.RetryPolicy):
+    """The MovieLens downloader's backoff (base * 2**attempt, +-50 % jitter, capped), with TMDB's defaults.
 
-    A 429's Retry-After is honoured up to `max_retry_after` seconds.
+    Retries on 429/5xx/timeouts/bad bodies; a 429's Retry-After is honoured up to `max_retry_after` seconds.
     """
 
     retries: int = 5
     base_seconds: float = 1.0
-    max_seconds: float = 60.0
     max_retry_after: float = 300.0
-
-    def backoff(self, attempt: int) -> float:
-        """Seconds to wait before retry `attempt` (0-based)."""
-        return min(self.max_seconds, self.base_seconds * 2 ** attempt) * random.uniform(0.5, 1.5)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -516,18 +511,18 @@ class PosterDownloader:
             resp = self._session().get(url, params=params, headers=headers, timeout=self.settings.timeout)
             body = resp.content
         except requests.Timeout:
-            raise _Retry("timeout", retry.backoff(attempt)) from None
+            raise _Retry("timeout", retry.wait(attempt)) from None
         except requests.RequestException as exc:  # refused, reset, dropped mid-body
             # requests puts the full URL, api_key included, into its messages: scrub before logging
             log.debug("%s: %s", type(exc).__name__, scrub(str(exc), self.credentials.secrets))
-            raise _Retry("connection_error", retry.backoff(attempt)) from None
+            raise _Retry("connection_error", retry.wait(attempt)) from None
         status = resp.status_code
         if status == 200:
             try:
                 return parse(body)
             except _BadContent as exc:
                 log.debug("bad body from %s: %s", scrub(url, self.credentials.secrets), exc)
-                raise _Retry(bad_body, retry.backoff(attempt)) from None
+                raise _Retry(bad_body, retry.wait(attempt)) from None
         if status == 401 and authenticated:
             self.stop.set()
             raise InvalidKeyError("TMDB answered 401 (invalid API key / read token)")
@@ -535,11 +530,11 @@ class PosterDownloader:
             raise _Failure("not_found")
         if status == 429:
             wait_s = parse_retry_after(resp.headers.get("Retry-After"))
-            wait_s = retry.backoff(attempt) if wait_s is None else min(wait_s, retry.max_retry_after)
+            wait_s = retry.wait(attempt) if wait_s is None else min(wait_s, retry.max_retry_after)
             self.limiter.pause(wait_s)  # every thread holds back, not only this one
             raise _Retry("http_429", wait_s)
         if status >= 500:
-            raise _Retry(f"http_{status}", retry.backoff(attempt))
+            raise _Retry(f"http_{status}", retry.wait(attempt))
         raise _Failure(f"http_{status}")
 
     # -- the run ------------------------------------------------------------------------------------
