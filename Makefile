@@ -3,6 +3,8 @@
 #   make test                                   the test suite
 #   make prepare  DATA=<MovieLens folder> RUN=<run folder>
 #   make pipeline DATA=<MovieLens folder> RUN=<run folder> [POSTERS=<poster folder>] [PRESET=ml_small|ml25m|demo]
+#                 [JOBS=2] trains up to JOBS models at once (SASRec beside the poster features, the two TIGERs
+#                 side by side), each with THREADS torch threads; JOBS=1 runs the steps one after another.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -21,8 +23,11 @@ IMAGE_SIZE ?= 224
 BLOCKS ?=
 SEEDS ?= 0,1,2
 SETS ?= genres_year,text,poster,all
+JOBS ?= 2
+THREADS ?= 1
 
-.PHONY: venv test demo prepare features pipeline ablation posters-check clean-demo
+.PHONY: venv test demo prepare features pipeline pipeline-models rqvae tiger tiger-random sasrec ablation \
+        posters-check clean-demo
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -36,34 +41,50 @@ test: venv
 prepare: venv
 	$(PY) experiments/02_prepare_interactions.py --data $(DATA) --run $(RUN)
 
+# A poster folder is needed unless BLOCKS is given without 'poster'.
+comma := ,
+NEEDS_POSTERS := $(if $(BLOCKS),$(findstring $(comma)poster$(comma),$(comma)$(BLOCKS)$(comma)),yes)
+
 posters-check:
-	@if [ ! -d "$(POSTERS)" ]; then \
+	@if [ -n "$(NEEDS_POSTERS)" ] && [ ! -d "$(POSTERS)" ]; then \
 	  echo "error: no poster folder at $(POSTERS). Download posters (experiments/03_download_posters.py --data $(DATA)),"; \
 	  echo "       pass POSTERS=<folder of {movieId}.jpg>, or run without the poster block: BLOCKS=genres,year,tags"; \
 	  exit 2; fi
 
-features: prepare
-	@if [ -n "$(BLOCKS)" ] && [[ ",$(BLOCKS)," != *",poster,"* ]]; then \
-	  echo "BLOCKS=$(BLOCKS) has no poster block: skipping poster features"; \
-	else \
-	  $(MAKE) --no-print-directory posters-check DATA=$(DATA) POSTERS=$(POSTERS) && \
-	  $(PY) experiments/04_extract_poster_features.py --run $(RUN) --posters $(POSTERS) \
-	    --backbone $(BACKBONE) --image-size $(IMAGE_SIZE); \
-	fi
+features: prepare posters-check
+ifeq ($(NEEDS_POSTERS),)
+	@echo "BLOCKS=$(BLOCKS) has no poster block: skipping poster features"
+else
+	$(PY) experiments/04_extract_poster_features.py --run $(RUN) --posters $(POSTERS) \
+	  --backbone $(BACKBONE) --image-size $(IMAGE_SIZE)
+endif
 	$(PY) experiments/05_fuse_item_features.py $(RQVAE_GIN) --run $(RUN) --data $(DATA) \
 	  --posters-features $(RUN)/poster_features $(if $(BLOCKS),--blocks $(BLOCKS))
 
-pipeline: features
-	$(PY) train_rqvae.py $(RQVAE_GIN) --run $(RUN)
-	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN)
-	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN) --random-ids
-	$(PY) experiments/07_train_baselines.py --run $(RUN) --sasrec-config $(SASREC_GIN)
+# The model steps as a dependency graph, run JOBS at a time by `pipeline`:
+#   prepare -> features -> rqvae -> tiger, tiger-random;   prepare -> sasrec (+ most-popular)
+pipeline: venv posters-check
+	$(MAKE) --no-print-directory -j$(JOBS) pipeline-models
 	$(PY) experiments/08_report.py --run $(RUN)
 	@cat $(RUN)/results.md
 
+pipeline-models: tiger tiger-random sasrec
+
+rqvae: features
+	$(PY) train_rqvae.py $(RQVAE_GIN) --run $(RUN)
+
+tiger: rqvae
+	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN) --threads $(THREADS)
+
+tiger-random: rqvae
+	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN) --threads $(THREADS) --random-ids
+
+sasrec: prepare
+	$(PY) experiments/07_train_baselines.py --run $(RUN) --sasrec-config $(SASREC_GIN) --threads $(THREADS)
+
 ablation: features
 	$(PY) experiments/09_ablation.py --run $(RUN) --data $(DATA) --rqvae-config $(RQVAE_GIN) \
-	  --decoder-config $(DECODER_GIN) --sets $(SETS) --seeds $(SEEDS)
+	  --decoder-config $(DECODER_GIN) --sets $(SETS) --seeds $(SEEDS) --jobs $(JOBS)
 
 demo: venv
 	$(PY) experiments/00_make_demo_data.py --out dataset/demo

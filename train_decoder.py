@@ -38,7 +38,8 @@ from experiments import artifacts
 from modules import metrics as ranking
 from modules.beam_search import NO_ITEM, SemanticIdTrie, beam_search
 from modules.sequences import (Vocabulary, check_semantic_ids, encode_histories, hash_users, history_windows,
-                               random_semantic_ids, semantic_id_tokens, training_target_positions, user_of_positions)
+                               random_semantic_ids, semantic_id_tokens, training_windows, user_of_positions,
+                               window_targets)
 from modules.split import leave_one_out
 from modules.tiger import Tiger
 
@@ -58,7 +59,8 @@ class DecoderData:
 
     semantic_ids: (N, L+1) int64 codes; item_tokens: (N, L+1) their token ids.
     user_tokens:  (U,) token id of each user row's hashed bucket.
-    train_positions: (E,) CSR positions of every training target.
+    train_positions: (W,) CSR position of the last target of every training window; a window holds
+                 `targets_per_window` consecutive targets (1: every training target is its own example).
     """
 
     interactions: artifacts.Interactions
@@ -70,6 +72,8 @@ class DecoderData:
     test_pos: np.ndarray
     train_positions: np.ndarray
     max_history: int
+    targets_per_window: int = 1
+    min_history: int = 1
 
     @property
     def n_items(self) -> int:
@@ -86,6 +90,20 @@ class DecoderData:
         windows = history_windows(self.interactions.item_index, self.interactions.offsets[users], target_pos,
                                   self.max_history)
         return encode_histories(windows, self.user_tokens[users], self.item_tokens)
+
+    def training_batch(self, last_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Windows ending at last_pos -> encoder tokens (B, S), target codes and visible items.
+
+        One target per window: codes (B, L+1) and visible None. Several: codes (B, s, L+1) and
+        visible (B, s) (window_targets; -1 for absent targets).
+        """
+        src = self.encoder_inputs(last_pos)
+        if self.targets_per_window == 1:
+            return src, self.target_codes(last_pos), None
+        users = user_of_positions(self.interactions.offsets, last_pos)
+        positions, visible = window_targets(last_pos, self.interactions.offsets[users] + self.min_history,
+                                            self.max_history, self.targets_per_window)
+        return src, self.target_codes(positions), visible
 
     def target_codes(self, target_pos: np.ndarray) -> np.ndarray:
         """(B,) target positions -> (B, L+1) semantic ID of each target item."""
@@ -145,8 +163,8 @@ def load_semantic_ids(run_dir: Path, semantic_ids_dir: Path, codebook_sizes: lis
 
 
 def load_data(run_dir: Path, semantic_ids_dir: Path, codebook_sizes, random_ids: bool, seed: int,
-              max_history: int, n_user_buckets: int) -> DecoderData:
-    """Read the run folder and build the token tables and training targets."""
+              max_history: int, n_user_buckets: int, targets_per_window: int = 1) -> DecoderData:
+    """Read the run folder and build the token tables and training windows."""
     semantic_ids, sizes = load_semantic_ids(run_dir, semantic_ids_dir, codebook_sizes, random_ids, seed)
     interactions = artifacts.load_interactions(run_dir)
     split = leave_one_out(interactions.offsets)
@@ -155,10 +173,12 @@ def load_data(run_dir: Path, semantic_ids_dir: Path, codebook_sizes, random_ids:
                        item_tokens=semantic_id_tokens(semantic_ids, vocab),
                        user_tokens=hash_users(interactions.user_ids, n_user_buckets) + vocab.user_token_offset,
                        valid_pos=split.valid_pos, test_pos=split.test_pos,
-                       train_positions=training_target_positions(split.starts, split.valid_pos),
-                       max_history=max_history)
-    log.info("%d items, %d users, %d training examples, codebook sizes %s, vocabulary %d tokens",
-             data.n_items, interactions.n_users, len(data.train_positions), list(sizes), vocab.size)
+                       train_positions=training_windows(split.starts, split.valid_pos, targets_per_window),
+                       max_history=max_history, targets_per_window=targets_per_window)
+    n_targets = int(np.maximum(split.valid_pos - split.starts - data.min_history, 0).sum())
+    log.info("%d items, %d users, %d training targets in %d windows of up to %d, codebook sizes %s, "
+             "vocabulary %d tokens", data.n_items, interactions.n_users, n_targets, len(data.train_positions),
+             targets_per_window, list(sizes), vocab.size)
     return data
 
 
@@ -386,14 +406,16 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
           dataset: str = gin.REQUIRED, iterations: int = gin.REQUIRED, batch_size: int = 256,
           learning_rate: float = 3e-4, weight_decay: float = 0.035, warmup_steps: int = 1000,
           final_lr_fraction: float = 0.1, grad_clip: float = 1.0, max_history: int = 20,
-          n_user_buckets: int = 2000, codebook_sizes: list[int] | None = None, random_ids: bool = False,
+          targets_per_window: int = 1, n_user_buckets: int = 2000, codebook_sizes: list[int] | None = None, random_ids: bool = False,
           seed: int = 0, beam_width: int = 20, top_k: int = 10, log_every: int = 50, eval_every: int = 1000,
           checkpoint_every: int = 1000, eval_batch_size: int = 256, valid_max_users: int | None = None,
           overwrite: bool = False, stop_at_step: int | None = None) -> dict | None:
     """Train TIGER on RUN's histories, keep the best validation checkpoint, evaluate it once on test.
 
     Folders: run_dir (item_ids.npy, interactions.npz), semantic_ids_dir (default RUN/rqvae),
-    out_dir (default RUN/decoder, or RUN/decoder_random_ids). batch_size is the global batch (all ranks).
+    out_dir (default RUN/decoder, or RUN/decoder_random_ids). batch_size is the global batch (all ranks)
+    in windows; each window trains `targets_per_window` consecutive targets from one encoder pass
+    (1 = the paper's one example per target; more needs Tiger.causal_encoder = True).
     stop_at_step stops after that many steps with a checkpoint (to test resuming); returns None then.
     Returns the metrics.json dict.
     """
@@ -415,10 +437,15 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed + runtime.rank)  # different dropout masks per rank, same initial weights below
-    data = load_data(run_dir, semantic_ids_dir, codebook_sizes, random_ids, seed, max_history, n_user_buckets)
+    data = load_data(run_dir, semantic_ids_dir, codebook_sizes, random_ids, seed, max_history, n_user_buckets,
+                     targets_per_window)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ConfiguredTiger(vocab=data.vocab, max_history=max_history).to(runtime.device)
+    if targets_per_window > 1 and not model.causal_encoder:
+        raise ValueError(f"train_decoder.targets_per_window = {targets_per_window} needs Tiger.causal_encoder = True "
+                         "(a bidirectional encoder would show each target the window's later items); "
+                         "set it in the gin config, or targets_per_window = 1.")
     log.info("Tiger: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     config = gin.config_str() + f"\n# semantic ids sha1 {data.ids_digest}\n"  # resume only on the same IDs
     if runtime.is_main:
@@ -466,11 +493,13 @@ def train_step(model, optimizer, scheduler, data: DecoderData, example_indices: 
                runtime: Runtime) -> float:
     """One optimiser step on this rank's share of the batch; returns the local loss."""
     model.train()
-    positions = data.train_positions[example_indices]
-    src = torch.as_tensor(data.encoder_inputs(positions), device=runtime.device)
-    targets = torch.as_tensor(data.target_codes(positions), device=runtime.device)
+    src, targets, visible = data.training_batch(data.train_positions[example_indices])
+    src, targets = torch.as_tensor(src, device=runtime.device), torch.as_tensor(targets, device=runtime.device)
     with runtime.autocast():
-        loss = model(src, targets)
+        if visible is None:
+            loss = model(src, targets)
+        else:
+            loss = model(src, targets, torch.as_tensor(visible, device=runtime.device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -13,6 +13,8 @@ import argparse
 import json
 import logging
 
+import torch
+
 from experiments.artifacts import ArtifactError
 from experiments.baselines import MODELS, run_baselines
 
@@ -24,7 +26,10 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--out", help="output folder (default RUN/baselines)")
     parser.add_argument("--overwrite", action="store_true", help="recompute the requested models from scratch")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     try:

@@ -2,7 +2,7 @@
 
     python experiments/09_ablation.py --run runs/ml_small --data ../shared/data/ml-latest-small \
         --rqvae-config configs/rqvae_ml_small.gin --decoder-config configs/decoder_ml_small.gin \
-        --sets genres_year,text,poster,all --seeds 0,1,2
+        --sets genres_year,text,poster,all --seeds 0,1,2 [--jobs 2]
 
 Feature sets: genres_year (genres+year), text (+ tags, tag genome where present, title text with --with-text),
 poster (genres+year+poster), all. Writes <out>/ablation.md (mean ± std table), ablation.json and ablation.png.
@@ -30,12 +30,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--with-text", action="store_true", help="add the title-text block to the text/all sets")
     parser.add_argument("--out", type=Path, help="default RUN/ablation")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells trained at once (each decoder then uses one torch thread); 2 suits 2 CPU cores")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         summary = run_ablation(args.run, args.data, args.poster_features or args.run / "poster_features",
                                args.sets.split(","), [int(s) for s in args.seeds.split(",")],
-                               args.rqvae_config, args.decoder_config, args.out, args.with_text)
+                               args.rqvae_config, args.decoder_config, args.out, args.with_text, args.jobs)
     except (ValueError, subprocess.CalledProcessError) as err:
         sys.exit(f"error: {err}")
     print(markdown_table(summary))

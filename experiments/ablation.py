@@ -15,6 +15,7 @@ import json
 import logging
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,18 +55,26 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
-def run_cell(run: Path, data: Path, poster_features: Path, out: Path, fset: FeatureSet, seed: int,
-             rqvae_config: str, decoder_config: str) -> dict:
-    """Fuse (once per set), train the RQ-VAE and TIGER for one seed; return the decoder's metrics.json."""
+def fuse_set(run: Path, data: Path, poster_features: Path, out: Path, fset: FeatureSet, rqvae_config: str) -> None:
+    """The fused item features of one feature set (skipped when already written)."""
+    _run([sys.executable, "experiments/05_fuse_item_features.py", rqvae_config, "--run", str(run), "--data", str(data),
+          "--posters-features", str(poster_features), "--blocks", ",".join(fset.blocks),
+          "--out", str(out / fset.name / "item_features")])
+
+
+def run_cell(run: Path, out: Path, fset: FeatureSet, seed: int, rqvae_config: str, decoder_config: str,
+             threads: int | None = None) -> dict:
+    """Train the RQ-VAE and TIGER of one (set, seed) on the set's fused features; return the decoder's metrics.json.
+
+    threads: torch CPU threads of the decoder (None: its default).
+    """
     py = sys.executable
-    features = out / fset.name / "item_features"
-    _run([py, "experiments/05_fuse_item_features.py", rqvae_config, "--run", str(run), "--data", str(data),
-          "--posters-features", str(poster_features), "--blocks", ",".join(fset.blocks), "--out", str(features)])
     cell = out / fset.name / f"seed{seed}"
-    _run([py, "train_rqvae.py", rqvae_config, "--run", str(run), "--features", str(features),
+    _run([py, "train_rqvae.py", rqvae_config, "--run", str(run), "--features", str(out / fset.name / "item_features"),
           "--out", str(cell / "rqvae"), "--gin_param", f"train_rqvae.seed = {seed}"])
     _run([py, "train_decoder.py", decoder_config, "--run", str(run), "--semantic-ids", str(cell / "rqvae"),
-          "--out", str(cell / "decoder"), "--gin_param", f"train_decoder.seed = {seed}"])
+          "--out", str(cell / "decoder"), "--gin_param", f"train_decoder.seed = {seed}"]
+         + (["--threads", str(threads)] if threads else []))
     return load_json(cell / "decoder" / "metrics.json", "train_decoder.py")
 
 
@@ -115,16 +124,28 @@ def bar_plot(summary: dict, path: Path) -> None:
 
 
 def run_ablation(run: Path, data: Path, poster_features: Path, set_names: list[str], seeds: list[int],
-                 rqvae_config: str, decoder_config: str, out: Path | None = None, with_text: bool = False) -> dict:
-    """Run every (set, seed) cell that is not finished yet, then write the table, JSON and plot."""
+                 rqvae_config: str, decoder_config: str, out: Path | None = None, with_text: bool = False,
+                 jobs: int = 1) -> dict:
+    """Run every (set, seed) cell that is not finished yet, then write the table, JSON and plot.
+
+    Cells run seed by seed (all sets of seed 0 first, so a stopped ablation has comparable rows),
+    `jobs` at a time; with jobs > 1 each decoder gets one torch thread.
+    """
     run, data = Path(run), Path(data)
     out = Path(out) if out else run / "ablation"
     sets = feature_sets(data, with_text)
     unknown = [s for s in set_names if s not in sets]
     if unknown:
         raise ValueError(f"unknown feature set(s) {unknown}; choose from {list(sets)}.")
-    results = {name: {seed: run_cell(run, data, poster_features, out, sets[name], seed, rqvae_config,
-                                     decoder_config) for seed in seeds} for name in set_names}
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}.")
+    for name in set_names:  # once per set, before any cell reads it
+        fuse_set(run, data, poster_features, out, sets[name], rqvae_config)
+    cells = [(name, seed) for seed in seeds for name in set_names]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {cell: pool.submit(run_cell, run, out, sets[cell[0]], cell[1], rqvae_config, decoder_config,
+                                     1 if jobs > 1 else None) for cell in cells}
+        results = {name: {seed: futures[(name, seed)].result() for seed in seeds} for name in set_names}
     summary = summarise(results, sets)
     save_json(out / "ablation.json", summary)
     save_text(out / "ablation.md", markdown_table(summary))

@@ -121,19 +121,43 @@ def hash_users(user_ids: np.ndarray, n_buckets: int) -> np.ndarray:
     return (x % np.uint64(n_buckets)).astype(np.int64)
 
 
-def training_target_positions(starts: np.ndarray, valid_pos: np.ndarray, min_history: int = 1) -> np.ndarray:
-    """Event positions (into the CSR arrays) of every training target.
+def training_windows(starts: np.ndarray, valid_pos: np.ndarray, targets_per_window: int,
+                     min_history: int = 1) -> np.ndarray:
+    """Last target position of every training window holding `targets_per_window` (s) consecutive targets.
 
-    A user's training events are [starts[u], valid_pos[u]) (modules.split); each of them with at
-    least `min_history` earlier events is a target, so every prefix of the training history
-    becomes one example. Returns (E,) int64, users in row order, time order within a user.
+    A user's training events are [starts[u], valid_pos[u]) (modules.split); its targets are those
+    with at least `min_history` earlier events. Counted back from the user's last one, they are cut into groups of s,
+    the oldest group possibly shorter, so every target is in exactly one window. Returns (W,) int64,
+    users in row order, time order within a user; with s = 1, every target is its own window.
     """
+    if targets_per_window < 1:
+        raise ValueError(f"targets_per_window must be >= 1, got {targets_per_window}.")
     first = np.asarray(starts, dtype=np.int64) + min_history
-    stop = np.asarray(valid_pos, dtype=np.int64)
-    counts = np.maximum(stop - first, 0)
+    last = np.asarray(valid_pos, dtype=np.int64) - 1
+    counts = -(-np.maximum(last - first + 1, 0) // targets_per_window)  # windows per user (ceil)
     user_of = np.repeat(np.arange(len(counts)), counts)
-    within = np.arange(counts.sum(), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    return first[user_of] + within
+    from_end = np.repeat(np.cumsum(counts), counts) - 1 - np.arange(counts.sum(), dtype=np.int64)
+    return last[user_of] - from_end * targets_per_window
+
+
+def window_targets(last_pos: np.ndarray, first_target: np.ndarray, max_history: int,
+                   targets_per_window: int) -> tuple[np.ndarray, np.ndarray]:
+    """The targets of windows ending at `last_pos` and how many of the window's items each may see.
+
+    The window's encoder input is the `max_history` (H) items before last_pos (`history_windows`);
+    its s targets are the events last_pos-s+1 .. last_pos. Target q may see the window slots before
+    it: H - (last_pos - q) items. first_target (W,) is the earliest allowed target position of each
+    window's user (start + min_history); earlier ones are absent.
+    Returns positions (W, s) int64 (clipped to a valid event where absent) and visible (W, s) int64,
+    -1 where absent.
+    """
+    if not 1 <= targets_per_window <= max_history:
+        raise ValueError(f"targets_per_window = {targets_per_window} must be in 1..max_history ({max_history}).")
+    back = np.arange(targets_per_window - 1, -1, -1, dtype=np.int64)  # oldest target first
+    positions = np.asarray(last_pos, dtype=np.int64)[:, None] - back[None, :]
+    present = positions >= np.asarray(first_target, dtype=np.int64)[:, None]
+    visible = np.where(present, max_history - back[None, :], -1)
+    return np.where(present, positions, np.asarray(last_pos, dtype=np.int64)[:, None]), visible
 
 
 def user_of_positions(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -6,6 +6,11 @@ and emits one code per level (the collision column included). Sizes follow T5 as
 (6 heads x 64 = 384), MLP 1024, 4 encoder + 4 decoder layers, dropout 0.1. Unlike
 torch.nn.Transformer, attention width and residual width are independent, as in T5.
 
+`causal_encoder=True` is this repository's option, not the paper's: encoder tokens of history item j
+attend only to items <= j (and the user token). Then one encoder pass serves several targets of a
+window (`window_loss`): the target after item k cross-attends to items < k only, so a window of H
+items trains up to H targets for one encoder pass instead of one.
+
 Pure torch: no I/O, no printing.
 """
 from __future__ import annotations
@@ -30,10 +35,11 @@ class Attention(nn.Module):
         self.key_value = nn.Linear(embed_dim, 2 * attn_dim)
         self.out = nn.Linear(attn_dim, embed_dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_keep: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None,
                 causal: bool = False) -> torch.Tensor:
-        """x (R, T, E), context (B, S, E), context_keep (B, S) bool True = attend. Returns (R, T, E).
+        """x (R, T, E), context (B, S, E) -> (R, T, E).
 
+        mask: bool, True = attend, broadcastable to (B, 1, G*T, S) (see `context_mask`).
         R may be a multiple G of B: then rows [b*G, (b+1)*G) of x (the beams of one user) all attend
         to context row b, which is projected once instead of G times (no causal mask then).
         """
@@ -45,10 +51,22 @@ class Attention(nn.Module):
         x = x.reshape(batch, group * length, width)
         q = self.query(x).view(batch, group * length, self.n_heads, -1).transpose(1, 2)
         k, v = self.key_value(context).view(batch, context.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        mask = None if context_keep is None else context_keep[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(rows, length, -1))
+
+
+def context_mask(keep: torch.Tensor, query_length: int) -> torch.Tensor:
+    """Attention mask from a context keep mask, in the layout `Attention` expects.
+
+    keep (B, S): every query row of input b sees the same context tokens -> (B, 1, 1, S).
+    keep (B, G, S): query row g of input b (R = B*G rows of `query_length` tokens) has its own
+    context tokens -> (B, 1, G*query_length, S).
+    """
+    if keep.dim() == 2:
+        return keep[:, None, None, :]
+    batch, group, length = keep.shape
+    return keep[:, :, None, :].expand(batch, group, query_length, length).reshape(batch, 1, group * query_length, length)
 
 
 class FeedForward(nn.Sequential):
@@ -68,9 +86,9 @@ class EncoderLayer(nn.Module):
         self.mlp = FeedForward(embed_dim, mlp_dim, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.norm_attn(x)
-        x = x + self.drop(self.attn(h, h, keep))
+        x = x + self.drop(self.attn(h, h, mask))
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
 
@@ -85,10 +103,10 @@ class DecoderLayer(nn.Module):
         self.mlp = FeedForward(embed_dim, mlp_dim, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         h = self.norm_self(x)
         x = x + self.drop(self.self_attn(h, h, causal=True))
-        x = x + self.drop(self.cross_attn(self.norm_cross(x), memory, memory_keep))
+        x = x + self.drop(self.cross_attn(self.norm_cross(x), memory, memory_mask))
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
 
@@ -98,10 +116,13 @@ class Tiger(nn.Module):
     vocab:       token slices (codebook sizes from the semantic-ID file, user buckets).
     max_history: items per encoder input (H); the encoder reads 1 + H*(L+1) tokens.
     n_layers:    total transformer layers, split evenly: n_layers/2 encoder + n_layers/2 decoder.
+    causal_encoder: history item j's tokens see items <= j only (needed by `window_loss` with
+                 several targets per window; the paper's encoder is bidirectional, the default).
     """
 
     def __init__(self, vocab: Vocabulary, max_history: int, embed_dim: int = 128, attn_dim: int = 384,
-                 n_heads: int = 6, mlp_dim: int = 1024, n_layers: int = 8, dropout: float = 0.1):
+                 n_heads: int = 6, mlp_dim: int = 1024, n_layers: int = 8, dropout: float = 0.1,
+                 causal_encoder: bool = False):
         super().__init__()
         if n_layers < 2 or n_layers % 2:
             raise ValueError(f"n_layers = {n_layers} must be even (half encoder, half decoder layers).")
@@ -118,6 +139,10 @@ class Tiger(nn.Module):
         self.embed_drop = nn.Dropout(dropout)
         self.head = nn.Linear(embed_dim, vocab.n_code_tokens)
         self.register_buffer("level_offsets", torch.as_tensor(vocab.level_offsets), persistent=False)
+        # History slot of each encoder token: -1 for the user token, j for the codes of history item j.
+        slots = torch.arange(max_history).repeat_interleave(n_levels)
+        self.register_buffer("encoder_slots", torch.cat([torch.tensor([-1]), slots]), persistent=False)
+        self.causal_encoder = causal_encoder
 
     @property
     def src_length(self) -> int:
@@ -130,25 +155,30 @@ class Tiger(nn.Module):
             raise ValueError(f"encoder input has {src_tokens.shape[1]} tokens, the model expects {self.src_length} "
                              f"(1 user token + max_history {self.max_history} x {self.vocab.n_levels} codes).")
         keep = src_tokens != PAD_TOKEN
+        mask = context_mask(keep, 1)
+        if self.causal_encoder:  # (B, 1, S, S): slot of the key <= slot of the query
+            mask = mask & (self.encoder_slots[None, :] <= self.encoder_slots[:, None])
         positions = torch.arange(src_tokens.shape[1], device=src_tokens.device)
         x = self.embed_drop(self.token_embedding(src_tokens) + self.encoder_position(positions))
         for layer in self.encoder_layers:
-            x = layer(x, keep)
+            x = layer(x, mask)
         return self.encoder_norm(x), keep
 
     def decode(self, memory: torch.Tensor, memory_keep: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
         """Hidden states after [BOS, prefix]: prefix_codes (R, l) level codes -> (R, l+1, E).
 
         memory (B, S, E) / memory_keep (B, S) from `encode`; R = G*B decodes G prefixes per input
-        (rows [b*G, (b+1)*G) belong to input b), sharing its memory without copies.
+        (rows [b*G, (b+1)*G) belong to input b), sharing its memory without copies. memory_keep may
+        also be (B, G, S): row g of input b then sees only its own memory tokens (`window_loss`).
         """
         prefix_tokens = prefix_codes + N_SPECIAL_TOKENS + self.level_offsets[: prefix_codes.shape[1]]
         bos = torch.full((prefix_codes.shape[0], 1), BOS_TOKEN, dtype=torch.int64, device=prefix_codes.device)
         tokens = torch.cat([bos, prefix_tokens], dim=1)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed_drop(self.token_embedding(tokens) + self.decoder_position(positions))
+        mask = context_mask(memory_keep, tokens.shape[1])
         for layer in self.decoder_layers:
-            x = layer(x, memory, memory_keep)
+            x = layer(x, memory, mask)
         return self.decoder_norm(x)
 
     def level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
@@ -171,14 +201,48 @@ class Tiger(nn.Module):
     def sequence_log_probs(self, src_tokens: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced per-level log-probs: src (B, S), target codes (B, L+1) -> (B, L+1) float32."""
         memory, keep = self.encode(src_tokens)
-        hidden = self.decode(memory, keep, target_codes[:, :-1])
+        return self._teacher_forced(memory, keep, target_codes)
+
+    def _teacher_forced(self, memory: torch.Tensor, memory_keep: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+        """(R, L+1) per-level log-probs of target_codes (R, L+1) given the memory (rows as in `decode`)."""
+        hidden = self.decode(memory, memory_keep, target_codes[:, :-1])
         return torch.stack([self.level_logits(hidden[:, level], level).float().log_softmax(-1)
                             .gather(1, target_codes[:, level:level + 1]).squeeze(1)
                             for level in range(self.vocab.n_levels)], dim=1)
 
-    def forward(self, src_tokens: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
-        """Training loss: mean over examples and levels of the cross-entropy of each target code.
+    def window_log_probs(self, src_tokens: torch.Tensor, target_codes: torch.Tensor,
+                         visible_items: torch.Tensor) -> torch.Tensor:
+        """Per-level log-probs of T targets per encoder window, from one encoder pass.
 
-        src_tokens (B, S) int64, target_codes (B, L+1) int64 -> scalar.
+        src_tokens (B, S); target_codes (B, T, L+1); visible_items (B, T) int: target t is predicted
+        from the user token and history slots 0..visible_items[b, t]-1 only (H = all of them; values
+        < 0 mark absent targets, whose log-probs are meaningless). Returns (B, T, L+1) float32.
+        Fewer than H visible items needs causal_encoder=True: a bidirectional encoder would carry the
+        later slots, the target among them, into the visible ones.
         """
-        return -self.sequence_log_probs(src_tokens, target_codes).mean()
+        batch, n_targets, n_levels = target_codes.shape
+        if not self.causal_encoder and bool((visible_items >= 0).logical_and(visible_items < self.max_history).any()):
+            raise ValueError("targets that see only part of the window need Tiger.causal_encoder = True "
+                             "(with a bidirectional encoder the hidden later items leak into the visible ones).")
+        memory, keep = self.encode(src_tokens)
+        # (B, T, S): the user token (slot -1) is always visible, so no row is fully masked.
+        row_keep = keep[:, None, :] & (self.encoder_slots < visible_items.clamp(min=0)[:, :, None])
+        log_probs = self._teacher_forced(memory, row_keep, target_codes.reshape(batch * n_targets, n_levels))
+        return log_probs.view(batch, n_targets, n_levels)
+
+    def window_loss(self, src_tokens: torch.Tensor, target_codes: torch.Tensor, visible_items: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy per code over the present targets (visible_items >= 0) of `window_log_probs`."""
+        log_probs = self.window_log_probs(src_tokens, target_codes, visible_items)
+        present = (visible_items >= 0).to(log_probs.dtype)[:, :, None]
+        return -(log_probs * present).sum() / (present.sum() * target_codes.shape[2]).clamp(min=1)
+
+    def forward(self, src_tokens: torch.Tensor, target_codes: torch.Tensor,
+                visible_items: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss: mean over targets and levels of the cross-entropy of each target code.
+
+        One target per input: src_tokens (B, S), target_codes (B, L+1) -> scalar (the paper's setup).
+        Several: target_codes (B, T, L+1) with visible_items (B, T), see `window_loss`.
+        """
+        if target_codes.dim() == 2:
+            return -self.sequence_log_probs(src_tokens, target_codes).mean()
+        return self.window_loss(src_tokens, target_codes, visible_items)

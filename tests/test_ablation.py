@@ -31,3 +31,41 @@ def test_summary_mean_std_and_table():
 def test_unknown_feature_set_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"unknown feature set\(s\) \['posters'\]"):
         run_ablation(tmp_path, tmp_path, tmp_path, ["posters"], [0], "a.gin", "b.gin")
+
+
+def test_runner_fuses_each_set_once_before_the_cells_and_runs_seed_by_seed(tmp_path, monkeypatch):
+    import json
+    import threading
+
+    import experiments.ablation as ablation
+
+    commands, lock = [], threading.Lock()
+
+    def fake_run(cmd):  # record the command; a decoder "writes" its metrics.json
+        with lock:
+            commands.append(cmd)
+        if cmd[1] == "train_decoder.py":
+            out = tmp_path / cmd[cmd.index("--out") + 1]
+            out.mkdir(parents=True)
+            seed = int(cmd[cmd.index("--gin_param") + 1].split("=")[1])
+            test = {"recall@5": 0.1, "recall@10": 0.2 + seed / 100, "ndcg@5": 0.05, "ndcg@10": 0.07}
+            (out / "metrics.json").write_text(json.dumps({"n_test_users": 9, "test": test}))
+
+    monkeypatch.setattr(ablation, "_run", fake_run)
+    summary = run_ablation(tmp_path / "run", tmp_path, tmp_path / "pf", ["genres_year", "all"], [0, 1],
+                           "r.gin", "d.gin", out=tmp_path / "abl", jobs=2)
+    scripts = [c[1] for c in commands]
+    assert scripts[:2] == ["experiments/05_fuse_item_features.py"] * 2      # both sets fused first, once
+    assert scripts.count("experiments/05_fuse_item_features.py") == 2
+    decoders = [c for c in commands if c[1] == "train_decoder.py"]
+    assert len(decoders) == 4 and all(c[c.index("--threads") + 1] == "1" for c in decoders)
+    assert summary["all"]["mean"]["recall@10"] == pytest.approx(0.205)
+    assert (tmp_path / "abl" / "ablation.md").is_file() and (tmp_path / "abl" / "ablation.png").is_file()
+    commands.clear()
+    run_ablation(tmp_path / "run", tmp_path, tmp_path / "pf", ["genres_year", "all"], [0, 1], "r.gin", "d.gin",
+                 out=tmp_path / "one_job", jobs=1)
+    cells = [c[c.index("--out") + 1].split("/")[-3:-1] for c in commands if c[1] == "train_decoder.py"]
+    assert cells == [["genres_year", "seed0"], ["all", "seed0"], ["genres_year", "seed1"], ["all", "seed1"]]
+    assert not any("--threads" in c for c in commands if c[1] == "train_decoder.py")
+    with pytest.raises(ValueError, match="jobs"):
+        run_ablation(tmp_path / "run", tmp_path, tmp_path / "pf", ["all"], [0], "r.gin", "d.gin", jobs=0)

@@ -99,6 +99,49 @@ def test_bad_shapes_are_errors():
         model.encode(torch.ones(2, 7, dtype=torch.int64))
 
 
+def test_causal_encoder_hides_later_history_items():
+    model = tiny_model(causal_encoder=True)
+    src, _ = random_batch(model)
+    memory, _ = model.encode(src)
+    changed = src.clone()
+    changed[:, 1 + 2 * VOCAB.n_levels:] = 3  # rewrite history item 2 (the last of max_history 3)
+    memory_changed, _ = model.encode(changed)
+    first_items = 1 + 2 * VOCAB.n_levels
+    torch.testing.assert_close(memory_changed[:, :first_items], memory[:, :first_items])
+    assert not torch.allclose(memory_changed[:, first_items:], memory[:, first_items:])
+
+
+def test_window_targets_see_only_their_own_slots_and_match_single_target_scoring():
+    model = tiny_model(causal_encoder=True)
+    src, codes = random_batch(model)
+    generator = torch.Generator().manual_seed(3)
+    targets = torch.stack([torch.randint(0, k, (len(src), 3), generator=generator) for k in VOCAB.codebook_sizes], 2)
+    targets[:, 2] = codes
+    visible = torch.tensor([[1, 2, 3]]).repeat(len(src), 1)
+    window = model.window_log_probs(src, targets, visible)
+    # The target that sees the whole window scores as the one-target path does.
+    torch.testing.assert_close(window[:, 2], model.sequence_log_probs(src, codes), rtol=1e-5, atol=1e-5)
+    # The first target sees history item 0 only: items 1 and 2 (its own item among them) cannot leak in.
+    changed = src.clone()
+    changed[:, 1 + VOCAB.n_levels:] = 4
+    torch.testing.assert_close(model.window_log_probs(changed, targets, visible)[:, 0], window[:, 0])
+    assert not torch.allclose(model.window_log_probs(changed, targets, visible)[:, 2], window[:, 2])
+    # Absent targets (visible -1) do not count in the loss.
+    absent = visible.clone()
+    absent[:, 0] = -1
+    expected = -window[:, 1:].mean()
+    torch.testing.assert_close(model(src, targets, absent), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_windows_with_a_bidirectional_encoder_are_an_error():
+    model = tiny_model()
+    src, codes = random_batch(model)
+    with pytest.raises(ValueError, match="causal_encoder"):
+        model(src, codes[:, None].repeat(1, 2, 1), torch.tensor([[2, 3]]).repeat(len(src), 1))
+    full = model(src, codes[:, None], torch.full((len(src), 1), 3))  # whole window visible: allowed
+    torch.testing.assert_close(full, model(src, codes), rtol=1e-5, atol=1e-5)
+
+
 def test_output_head_stays_float32_under_bf16_autocast():
     # Beam scores must not be rounded to bf16 (8 mantissa bits): nearby codes would tie.
     model = tiny_model()

@@ -10,7 +10,7 @@ import torch
 import train_decoder
 from experiments import artifacts
 from modules.sequences import (NO_ITEM, PAD_TOKEN, Vocabulary, encode_histories, hash_users, history_windows,
-                               semantic_id_tokens, training_target_positions)
+                               semantic_id_tokens, training_windows, window_targets)
 
 REPO = Path(__file__).resolve().parents[1]
 CODEBOOK_SIZES = [4, 4, 3]
@@ -72,12 +72,16 @@ def run_train(run: Path, out: Path, extra: str = "", **kwargs):
         gin.clear_config()
 
 
-def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path):
+WINDOWS = "Tiger.causal_encoder = True\ntrain_decoder.targets_per_window = 3\n"
+
+
+@pytest.mark.parametrize("extra", ["", WINDOWS], ids=["one_target", "windows_of_3"])
+def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, extra):
     run = make_run(tmp_path / "run")
-    straight = run_train(run, tmp_path / "straight")
-    assert run_train(run, tmp_path / "resumed", stop_at_step=3) is None  # stop mid eval window
+    straight = run_train(run, tmp_path / "straight", extra)
+    assert run_train(run, tmp_path / "resumed", extra, stop_at_step=3) is None  # stop mid eval window
     assert not (tmp_path / "resumed" / "metrics.json").exists()
-    resumed = run_train(run, tmp_path / "resumed")
+    resumed = run_train(run, tmp_path / "resumed", extra)
     assert resumed == straight
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
@@ -165,11 +169,54 @@ def test_data_order_covers_each_epoch_once_and_shards_ranks():
 
 def test_training_examples_are_every_prefix_of_the_training_history():
     # Two users: events 0..5 (valid at 4) and 6..9 (valid at 8).
-    positions = training_target_positions(np.array([0, 6]), np.array([4, 8]), min_history=1)
+    positions = training_windows(np.array([0, 6]), np.array([4, 8]), targets_per_window=1, min_history=1)
     assert positions.tolist() == [1, 2, 3, 7]
     item_index = np.array([10, 11, 12, 13, 14, 15, 20, 21, 22, 23])
     windows = history_windows(item_index, np.array([0, 0, 6]), np.array([3, 5, 7]), max_history=3)
     assert windows.tolist() == [[10, 11, 12], [12, 13, 14], [NO_ITEM, NO_ITEM, 20]]
+
+
+def test_windows_hold_every_target_once_counted_back_from_the_last():
+    starts, valid = np.array([0, 10, 20]), np.array([8, 12, 21])  # 7, 1 and 0 targets (min_history 1)
+    last = training_windows(starts, valid, targets_per_window=3)
+    assert last.tolist() == [1, 4, 7, 11]  # user 0: targets {1}, {2,3,4}, {5,6,7}; user 1: {11}
+    users = np.searchsorted(np.array([0, 10, 20, 21]), last, side="right") - 1
+    positions, visible = window_targets(last, starts[users] + 1, max_history=5, targets_per_window=3)
+    present = visible >= 0
+    assert sorted(positions[present].tolist()) == [1, 2, 3, 4, 5, 6, 7, 11]
+    assert visible.tolist() == [[-1, -1, 5], [3, 4, 5], [3, 4, 5], [-1, -1, 5]]
+    with pytest.raises(ValueError, match="targets_per_window"):
+        window_targets(last, starts[users] + 1, max_history=2, targets_per_window=3)
+
+
+def test_each_window_target_sees_exactly_the_items_before_it(tmp_path):
+    run = make_run(tmp_path / "run")
+    data = train_decoder.load_data(run, run / "rqvae", None, False, 0, max_history=4, n_user_buckets=7,
+                                   targets_per_window=3)
+    offsets, item_index = data.interactions.offsets, data.interactions.item_index
+    src, codes, visible = data.training_batch(data.train_positions)
+    users = np.searchsorted(offsets, data.train_positions, side="right") - 1
+    n_levels = data.vocab.n_levels
+    slots = src[:, 1:].reshape(len(src), data.max_history, n_levels)
+    targets_seen = 0
+    for w, last in enumerate(data.train_positions):
+        for t in np.flatnonzero(visible[w] >= 0):
+            q = last - (visible.shape[1] - 1 - t)  # target position
+            k = visible[w, t]
+            history = item_index[max(offsets[users[w]], q - k):q]
+            expected = data.item_tokens[history]
+            assert np.array_equal(slots[w, k - len(history):k], expected)  # the k slots end right before q
+            assert (slots[w, :k - len(history)] == PAD_TOKEN).all()
+            assert np.array_equal(codes[w, t], data.semantic_ids[item_index[q]])
+            assert q < data.valid_pos[users[w]]
+            targets_seen += 1
+    assert targets_seen == (data.valid_pos - offsets[:-1] - 1).sum()
+
+
+def test_several_targets_per_window_need_the_causal_encoder(tmp_path):
+    run = make_run(tmp_path / "run")
+    with pytest.raises(ValueError, match="causal_encoder"):
+        run_train(run, tmp_path / "out", "train_decoder.targets_per_window = 3")
 
 
 def test_tokens_use_one_slice_per_level_and_pad_history():
