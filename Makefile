@@ -4,7 +4,8 @@
 #   make prepare  DATA=<MovieLens folder> RUN=<run folder>
 #   make pipeline DATA=<MovieLens folder> RUN=<run folder> [POSTERS=<poster folder>] [PRESET=ml_small|ml25m|demo]
 #                 [JOBS=2] trains up to JOBS models at once (SASRec beside the poster features, the two TIGERs
-#                 side by side), each with THREADS torch threads; JOBS=1 runs the steps one after another.
+#                 side by side; 1 torch thread each unless THREADS=n); JOBS=1 runs the steps one after another.
+#                 PRESET=ml25m defaults to JOBS=1: SASRec alone needs ~20 GB of GPU memory there.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -23,8 +24,9 @@ IMAGE_SIZE ?= 224
 BLOCKS ?=
 SEEDS ?= 0,1,2
 SETS ?= genres_year,text,poster,all
-JOBS ?= 2
-THREADS ?= 1
+JOBS ?= $(if $(filter ml25m,$(PRESET)),1,2)
+THREADS ?= $(if $(filter 1,$(JOBS)),,1)
+THREADS_FLAG = $(if $(THREADS),--threads $(THREADS))
 
 .PHONY: venv test demo prepare features pipeline pipeline-models rqvae tiger tiger-random sasrec ablation \
         posters-check clean-demo
@@ -74,13 +76,13 @@ rqvae: features
 	$(PY) train_rqvae.py $(RQVAE_GIN) --run $(RUN)
 
 tiger: rqvae
-	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN) --threads $(THREADS)
+	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN) $(THREADS_FLAG)
 
 tiger-random: rqvae
-	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN) --threads $(THREADS) --random-ids
+	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN) $(THREADS_FLAG) --random-ids
 
 sasrec: prepare
-	$(PY) experiments/07_train_baselines.py --run $(RUN) --sasrec-config $(SASREC_GIN) --threads $(THREADS)
+	$(PY) experiments/07_train_baselines.py --run $(RUN) --sasrec-config $(SASREC_GIN) $(THREADS_FLAG)
 
 ablation: features
 	$(PY) experiments/09_ablation.py --run $(RUN) --data $(DATA) --rqvae-config $(RQVAE_GIN) \

@@ -389,6 +389,10 @@ def results_markdown(report: dict) -> str:
     lines = [f"# {report['model']} on {report['dataset']}", "",
              f"Leave-one-out, full-catalogue ranking, seen items excluded; beam {report['beam_width']}, "
              f"best validation step {report['best_step']}, {report['n_test_users']} test users.", "",
+             "Training layout: " + ("the paper's (bidirectional encoder, one target per example)."
+                                    if report["targets_per_window"] == 1 and not report["causal_encoder"] else
+                                    f"causal encoder, up to {report['targets_per_window']} targets per encoder window."),
+             "",
              "| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for split in ("valid", "test"):
         lines.append(f"| {split} | " + " | ".join(f"{report[split][n]:.4f}" for n in names) + " |")
@@ -442,6 +446,9 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ConfiguredTiger(vocab=data.vocab, max_history=max_history).to(runtime.device)
+    if not 1 <= targets_per_window <= max_history:
+        raise ValueError(f"train_decoder.targets_per_window = {targets_per_window} must be in 1..max_history "
+                         f"({max_history}): a window's targets are its last items.")
     if targets_per_window > 1 and not model.causal_encoder:
         raise ValueError(f"train_decoder.targets_per_window = {targets_per_window} needs Tiger.causal_encoder = True "
                          "(a bidirectional encoder would show each target the window's later items); "
@@ -486,7 +493,8 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
         if done % checkpoint_every == 0 or done == iterations:
             save_checkpoint(out_dir / CHECKPOINT_FILE, model, optimizer, scheduler, done, history, config, runtime)
     return finish(model, data, trie, runtime, eval_args, history, out_dir, dataset=dataset, random_ids=random_ids,
-                  iterations=iterations, semantic_ids_dir=semantic_ids_dir)
+                  iterations=iterations, semantic_ids_dir=semantic_ids_dir, causal_encoder=model.causal_encoder,
+                  targets_per_window=targets_per_window)
 
 
 def train_step(model, optimizer, scheduler, data: DecoderData, example_indices: np.ndarray, grad_clip: float,
@@ -559,7 +567,8 @@ def finish(model: Tiger, data: DecoderData, trie, runtime: Runtime, eval_args: d
               "invalid_rate_unconstrained": invalid, "best_step": best["step"], "iterations": info["iterations"],
               "beam_width": eval_args["beam_width"], "top_k": eval_args["top_k"],
               "semantic_ids": "random" if info["random_ids"] else str(info["semantic_ids_dir"]),
-              "semantic_ids_sha1": data.ids_digest}
+              "semantic_ids_sha1": data.ids_digest,
+              "causal_encoder": info["causal_encoder"], "targets_per_window": info["targets_per_window"]}
     log.info("test %s; unconstrained invalid-ID rate %.4f", " ".join(f"{k}={v:.4f}" for k, v in test.items()), invalid)
     if runtime.is_main:
         write_curves(out_dir / "curves.png", history)

@@ -2,6 +2,7 @@
 
     python bench/bench_decoder.py                      # TIGER preset, batch 256, beam 20 / top-10, CPU
     python bench/bench_decoder.py --device cuda --eval-batch 1024
+    python bench/bench_decoder.py --targets-per-window 10   # causal encoder, 10 targets per encoder pass
 
 Synthetic inputs of the real shapes: semantic IDs (256, 256, 256, 8) for --items items (default the
 9,742 of ml-latest-small), full 20-item histories, 50 seen items per user. Prints one markdown table
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=20)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--targets-per-window", type=int, default=1,
+                        help="targets trained per encoder pass (>1: causal encoder, as train_decoder.targets_per_window)")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,17 +68,24 @@ def main() -> None:
     vocab = Vocabulary(CODEBOOK_SIZES, n_user_buckets=2000)
     semantic_ids = random_semantic_ids(args.items, CODEBOOK_SIZES, seed=0)
     item_tokens = semantic_id_tokens(semantic_ids, vocab)
-    model = Tiger(vocab, max_history=20).to(device)  # the paper preset (the Tiger defaults)
+    windows = args.targets_per_window
+    # The paper preset (the Tiger defaults), with the causal encoder when several targets share a window.
+    model = Tiger(vocab, max_history=20, causal_encoder=windows > 1).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     src = synthetic_inputs(vocab, item_tokens, args.batch, 20, rng).to(device)
-    targets = torch.as_tensor(semantic_ids[rng.integers(0, args.items, args.batch)], device=device)
+    if windows == 1:
+        targets = torch.as_tensor(semantic_ids[rng.integers(0, args.items, args.batch)], device=device)
+        visible = None
+    else:  # the window's last `windows` slots as targets, each seeing the slots before it
+        targets = torch.as_tensor(semantic_ids[rng.integers(0, args.items, (args.batch, windows))], device=device)
+        visible = torch.arange(20 - windows + 1, 21, device=device).repeat(args.batch, 1)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
 
     def train_step():
         model.train()
         with autocast:
-            loss = model(src, targets)
+            loss = model(src, targets) if visible is None else model(src, targets, visible)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -96,11 +106,13 @@ def main() -> None:
     beam_seconds = timed(decode, args.eval_repeats, device)
     results = {"device": str(device), "threads": args.threads, "load_average": os.getloadavg(),
                "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
-               "train_examples_per_s": args.batch / train_seconds, "train_batch": args.batch,
+               "train_examples_per_s": args.batch * windows / train_seconds, "train_batch": args.batch,
+               "targets_per_window": windows,
                "beam_users_per_s": args.eval_batch / beam_seconds, "beam": args.beam, "top_k": args.top_k,
                "eval_batch": args.eval_batch, "items": args.items}
-    print(f"| TIGER preset train ({results['parameters_m']:.2f}M params, batch {args.batch}) | {args.device} "
-          f"| {results['train_examples_per_s']:.0f} examples/s |")
+    layout = "" if windows == 1 else f", causal encoder, {windows} targets per window"
+    print(f"| TIGER preset train ({results['parameters_m']:.2f}M params, batch {args.batch}{layout}) | {args.device} "
+          f"| {results['train_examples_per_s']:.0f} examples (targets)/s |")
     print(f"| constrained beam search, beam {args.beam} / top-{args.top_k}, {args.items} items | {args.device} "
           f"| {results['beam_users_per_s']:.1f} users/s |")
     print(f"load average {results['load_average']}")

@@ -15,7 +15,7 @@ import json
 import logging
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,10 +142,19 @@ def run_ablation(run: Path, data: Path, poster_features: Path, set_names: list[s
     for name in set_names:  # once per set, before any cell reads it
         fuse_set(run, data, poster_features, out, sets[name], rqvae_config)
     cells = [(name, seed) for seed in seeds for name in set_names]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {cell: pool.submit(run_cell, run, out, sets[cell[0]], cell[1], rqvae_config, decoder_config,
-                                     1 if jobs > 1 else None) for cell in cells}
-        results = {name: {seed: futures[(name, seed)].result() for seed in seeds} for name in set_names}
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    futures = {pool.submit(run_cell, run, out, sets[name], seed, rqvae_config, decoder_config,
+                           1 if jobs > 1 else None): (name, seed) for name, seed in cells}
+    results = {name: {} for name in set_names}
+    try:
+        for future in as_completed(futures):
+            name, seed = futures[future]
+            results[name][seed] = future.result()
+    except BaseException:  # a failed cell or Ctrl-C: start no queued cell, stop at the running ones
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    results = {name: dict(sorted(by_seed.items())) for name, by_seed in results.items()}
     summary = summarise(results, sets)
     save_json(out / "ablation.json", summary)
     save_text(out / "ablation.md", markdown_table(summary))

@@ -245,4 +245,7 @@ class Tiger(nn.Module):
         """
         if target_codes.dim() == 2:
             return -self.sequence_log_probs(src_tokens, target_codes).mean()
+        if visible_items is None:
+            raise ValueError(f"target_codes of shape {tuple(target_codes.shape)} (several targets per input) need "
+                             "visible_items (B, T): how many history slots each target may see.")
         return self.window_loss(src_tokens, target_codes, visible_items)

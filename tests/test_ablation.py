@@ -69,3 +69,23 @@ def test_runner_fuses_each_set_once_before_the_cells_and_runs_seed_by_seed(tmp_p
     assert not any("--threads" in c for c in commands if c[1] == "train_decoder.py")
     with pytest.raises(ValueError, match="jobs"):
         run_ablation(tmp_path / "run", tmp_path, tmp_path / "pf", ["all"], [0], "r.gin", "d.gin", jobs=0)
+
+
+def test_a_failed_cell_stops_the_ablation_before_any_queued_cell(tmp_path, monkeypatch):
+    import subprocess
+
+    import experiments.ablation as ablation
+
+    decoders = []
+
+    def fake_run(cmd):
+        if cmd[1] == "train_decoder.py":
+            decoders.append(cmd)
+            raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(ablation, "_run", fake_run)
+    with pytest.raises(subprocess.CalledProcessError):
+        run_ablation(tmp_path / "run", tmp_path, tmp_path / "pf", ["genres_year", "all"], [0, 1, 2], "r.gin", "d.gin",
+                     out=tmp_path / "abl", jobs=1)
+    assert len(decoders) == 1  # the other five cells never started
+    assert not (tmp_path / "abl" / "ablation.md").exists()

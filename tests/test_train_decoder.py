@@ -263,3 +263,23 @@ def test_validation_and_test_inputs_hold_no_target_or_later_item(tmp_path):
             items = items[items[:, 0] != PAD_TOKEN]
             assert np.array_equal(items, data.item_tokens[expected]), (name, user)
             assert np.array_equal(np.flatnonzero(seen[user]), np.unique(expected)), (name, user)
+
+
+def test_window_training_batch_hides_each_target_and_everything_after_it(tmp_path):
+    run = make_run(tmp_path / "run")
+    data = train_decoder.load_data(run, run / "rqvae", None, False, 0, max_history=4, n_user_buckets=7,
+                                   targets_per_window=3)
+    torch.manual_seed(0)
+    model = train_decoder.Tiger(data.vocab, max_history=4, embed_dim=16, attn_dim=16, n_heads=2, mlp_dim=32,
+                                n_layers=2, dropout=0.0, causal_encoder=True).eval()
+    src, codes, visible = (torch.as_tensor(a) for a in data.training_batch(data.train_positions[:12]))
+    log_probs = model.window_log_probs(src, codes, visible)
+    n_levels = data.vocab.n_levels
+    for t in range(visible.shape[1]):
+        k = visible[:, t].clamp(min=0)
+        scrambled = src.clone()
+        for w in range(len(src)):  # rewrite the target's own slot and every later one
+            scrambled[w, 1 + int(k[w]) * n_levels:] = data.item_tokens[0, 0]
+        again = model.window_log_probs(scrambled, codes, visible)
+        present = visible[:, t] >= 0
+        torch.testing.assert_close(again[present, t], log_probs[present, t])

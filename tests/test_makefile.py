@@ -1,0 +1,32 @@
+"""The Makefile's input check: a missing poster folder stops `make pipeline` before any work starts."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+
+
+def make(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_missing_poster_folder_is_a_clear_error_unless_no_poster_block(tmp_path):
+    missing = tmp_path / "no_posters"
+    result = make("posters-check", f"POSTERS={missing}", "DATA=dataset/x")
+    assert result.returncode == 2
+    assert f"no poster folder at {missing}" in result.stdout and "BLOCKS=genres,year,tags" in result.stdout
+    assert make("posters-check", f"POSTERS={missing}", "BLOCKS=genres,year,tags").returncode == 0
+    assert make("posters-check", f"POSTERS={missing}", "BLOCKS=genres,poster").returncode == 2
+    assert make("posters-check", f"POSTERS={tmp_path}").returncode == 0
+
+
+def test_pipeline_checks_posters_before_preparing_anything(tmp_path):
+    venv = tmp_path / "venv"  # an up-to-date stand-in, so make does not build a real environment
+    venv.mkdir()
+    (venv / ".installed").touch()
+    result = make("pipeline", f"POSTERS={tmp_path / 'none'}", f"RUN={tmp_path / 'run'}", f"VENV={venv}")
+    assert result.returncode == 2 and "no poster folder" in result.stdout
+    assert not (tmp_path / "run").exists()  # nothing was prepared
