@@ -231,7 +231,11 @@ class Tiger(nn.Module):
         return log_probs.view(batch, n_targets, n_levels)
 
     def window_loss(self, src_tokens: torch.Tensor, target_codes: torch.Tensor, visible_items: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy per code over the present targets (visible_items >= 0) of `window_log_probs`."""
+        """Mean cross-entropy per code over the present targets (visible_items >= 0) of `window_log_probs`.
+
+        Under DistributedDataParallel each rank divides by its own count of present targets, so ranks
+        with fewer targets weigh theirs slightly more (counts differ only by users' oldest, partial windows).
+        """
         log_probs = self.window_log_probs(src_tokens, target_codes, visible_items)
         present = (visible_items >= 0).to(log_probs.dtype)[:, :, None]
         return -(log_probs * present).sum() / (present.sum() * target_codes.shape[2]).clamp(min=1)
