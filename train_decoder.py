@@ -47,6 +47,7 @@ log = logging.getLogger("train_decoder")
 ConfiguredTiger = gin.external_configurable(Tiger, name="Tiger")
 RQVAE_SCRIPT = "train_rqvae.py (pipeline step 6)"
 CHECKPOINT_FILE, BEST_FILE, METRICS_FILE = "checkpoint.pt", "best.pt", "metrics.json"
+MIN_HISTORY = 1  # a training target needs at least this many earlier events
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ class DecoderData:
     train_positions: np.ndarray
     max_history: int
     targets_per_window: int = 1
-    min_history: int = 1
+    min_history: int = MIN_HISTORY
 
     @property
     def n_items(self) -> int:
@@ -173,8 +174,8 @@ def load_data(run_dir: Path, semantic_ids_dir: Path, codebook_sizes, random_ids:
                        item_tokens=semantic_id_tokens(semantic_ids, vocab),
                        user_tokens=hash_users(interactions.user_ids, n_user_buckets) + vocab.user_token_offset,
                        valid_pos=split.valid_pos, test_pos=split.test_pos,
-                       train_positions=training_windows(split.starts, split.valid_pos, targets_per_window),
-                       max_history=max_history, targets_per_window=targets_per_window)
+                       train_positions=training_windows(split.starts, split.valid_pos, targets_per_window, MIN_HISTORY),
+                       max_history=max_history, targets_per_window=targets_per_window, min_history=MIN_HISTORY)
     n_targets = int(np.maximum(split.valid_pos - split.starts - data.min_history, 0).sum())
     log.info("%d items, %d users, %d training targets in %d windows of up to %d, codebook sizes %s, "
              "vocabulary %d tokens", data.n_items, interactions.n_users, n_targets, len(data.train_positions),
