@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from experiments import artifacts
 from modules import metrics as ranking
-from modules.beam_search import NO_ITEM, SemanticIdTrie, beam_search
+from modules.beam_search import NO_ITEM, SemanticIdTrie, beam_search, item_log_likelihood
+from modules.popularity import item_popularity, popularity_log_likelihood
 from modules.sequences import (Vocabulary, check_semantic_ids, encode_histories, hash_users, history_windows,
                                random_semantic_ids, semantic_id_tokens, training_windows, user_of_positions,
                                window_targets)
@@ -308,21 +309,26 @@ def warmup_cosine(warmup_steps: int, total_steps: int, final_fraction: float):
 @torch.no_grad()
 def evaluate(model: Tiger, data: DecoderData, trie: SemanticIdTrie, target_pos: np.ndarray, runtime: Runtime,
              beam_width: int, top_k: int, batch_size: int, desc: str) -> dict:
-    """Recall/NDCG@5,10 of constrained beam search over the full catalogue, seen items excluded.
+    """Recall/NDCG@5,10 of constrained beam search over the full catalogue, seen items excluded, and
+    `nll`: the mean negative log-likelihood (nats) of the target item among all real items
+    (`item_log_likelihood`; seen items not excluded), a less noisy learning signal than recall.
 
     target_pos: (U,) CSR position of each evaluated user's target; users are sharded across ranks
     and the sums reduced, so every rank returns the same means.
     """
     model.eval()
     mine = target_pos[runtime.rank::runtime.world]
-    names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10)]
+    names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10)] + ["nll"]
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=runtime.device)
     for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not runtime.is_main, leave=False):
         positions = mine[start:start + batch_size]
         src = torch.as_tensor(data.encoder_inputs(positions), device=runtime.device)
         with runtime.autocast():
             result = beam_search(model, src, trie, beam_width, top_k, seen=data.seen_items(positions, runtime.device))
+            codes = torch.as_tensor(data.target_codes(positions), device=runtime.device)
+            log_likelihood = item_log_likelihood(model, src, codes, trie)
         batch_metrics = ranking.ranking_metrics(result.items.cpu().numpy(), data.interactions.item_index[positions])
+        batch_metrics["nll"] = -float(log_likelihood.sum()) / len(positions)
         sums += torch.tensor([len(positions)] + [batch_metrics[n] * len(positions) for n in names],
                              dtype=torch.float64, device=runtime.device)
     sums = runtime.all_reduce_sum(sums)
@@ -347,6 +353,13 @@ def unconstrained_invalid_rate(model: Tiger, data: DecoderData, trie: SemanticId
     return float(counts[0] / counts[1])
 
 
+def popularity_nll(data: DecoderData, target_pos: np.ndarray) -> float:
+    """Mean NLL (nats) of the targets under training-event popularity: the level a model that has
+    learned nothing from the histories sits at (compare with the `nll` of `evaluate`)."""
+    counts = item_popularity(data.interactions.item_index, leave_one_out(data.interactions.offsets), data.n_items)
+    return -float(popularity_log_likelihood(counts, data.interactions.item_index[target_pos]).mean())
+
+
 def validation_users(data: DecoderData, max_users: int | None, seed: int) -> np.ndarray:
     """Validation target positions: every user, or a fixed seeded sample of `max_users` of them."""
     if max_users is None or max_users >= len(data.valid_pos):
@@ -368,11 +381,11 @@ def log_to_file(path: Path) -> None:
 
 
 def write_curves(path: Path, history: dict) -> None:
-    """PNG: training loss and validation recall@10 over steps."""
+    """PNG: training loss, validation recall@10 and validation NLL per item (against popularity's) over steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (loss_ax, recall_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (loss_ax, recall_ax, nll_ax) = plt.subplots(1, 3, figsize=(15, 4))
     if history["train_loss"]:
         steps, losses = zip(*history["train_loss"])
         loss_ax.plot(steps, losses)
@@ -381,6 +394,13 @@ def write_curves(path: Path, history: dict) -> None:
         steps, values = zip(*[(s, m["recall@10"]) for s, m in history["valid"]])
         recall_ax.plot(steps, values, marker="o")
     recall_ax.set(xlabel="step", ylabel="validation recall@10", title="validation recall@10")
+    with_nll = [(s, m["nll"]) for s, m in history["valid"] if "nll" in m]
+    if with_nll:
+        nll_ax.plot(*zip(*with_nll), marker="o", label="TIGER")
+    if history.get("popularity_nll") is not None:
+        nll_ax.axhline(history["popularity_nll"], color="gray", linestyle="--", label="most popular")
+    nll_ax.set(xlabel="step", ylabel="nats per item (lower is better)", title="validation NLL of the target item")
+    nll_ax.legend()
     artifacts.save_figure(path, fig, dpi=100)
 
 
@@ -397,6 +417,9 @@ def results_markdown(report: dict) -> str:
              "| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for split in ("valid", "test"):
         lines.append(f"| {split} | " + " | ".join(f"{report[split][n]:.4f}" for n in names) + " |")
+    lines += ["", f"NLL of the target item among all items (nats; most popular in brackets): valid "
+                  f"{report['valid']['nll']:.3f} ({report['popularity_nll']['valid']:.3f}), test "
+                  f"{report['test']['nll']:.3f} ({report['popularity_nll']['test']:.3f})."]
     lines += ["", f"Invalid IDs in unconstrained top-{report['top_k']} beam search: "
                   f"{100 * report['invalid_rate_unconstrained']:.2f}%", ""]
     return "\n".join(lines)
@@ -470,6 +493,9 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
                  if runtime.world > 1 else model)
     order = DataOrder(len(data.train_positions), seed)
     valid_targets = validation_users(data, valid_max_users, seed)
+    history["popularity_nll"] = popularity_nll(data, valid_targets)
+    log.info("reference: most-popular NLL of the validation items %.3f nats (uniform over the catalogue %.3f)",
+             history["popularity_nll"], math.log(data.n_items))
     eval_args = dict(beam_width=beam_width, top_k=top_k, batch_size=eval_batch_size)
 
     progress = tqdm(range(start_step, iterations), initial=start_step, total=iterations, desc="train",
@@ -566,6 +592,7 @@ def finish(model: Tiger, data: DecoderData, trie, runtime: Runtime, eval_args: d
     report = {"model": "tiger_random_ids" if info["random_ids"] else "tiger", "dataset": info["dataset"],
               "n_test_users": len(data.test_pos), "valid": valid, "test": test,
               "invalid_rate_unconstrained": invalid, "best_step": best["step"], "iterations": info["iterations"],
+              "popularity_nll": {"valid": popularity_nll(data, data.valid_pos), "test": popularity_nll(data, data.test_pos)},
               "beam_width": eval_args["beam_width"], "top_k": eval_args["top_k"],
               "semantic_ids": "random" if info["random_ids"] else str(info["semantic_ids_dir"]),
               "semantic_ids_sha1": data.ids_digest,

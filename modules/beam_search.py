@@ -171,3 +171,25 @@ def exhaustive_item_scores(model: Tiger, src_tokens: torch.Tensor, semantic_ids:
                      .gather(1, targets[:, level:level + 1]).squeeze(1) for level in range(ids.shape[1])]
         columns.append(torch.stack(per_level, 1).sum(1).view(batch, len(ids)))
     return torch.cat(columns, dim=1)
+
+
+@torch.no_grad()
+def item_log_likelihood(model: Tiger, src_tokens: torch.Tensor, target_codes: torch.Tensor,
+                        trie: SemanticIdTrie) -> torch.Tensor:
+    """log p(target item | input) under the model restricted to real items: (B, S), (B, L+1) -> (B,) float32.
+
+    At each level the model's logits are renormalised over the children that exist below the
+    target's prefix, so exp of this over the whole catalogue sums to 1 for every input: a proper
+    distribution over items, comparable with a popularity or SASRec likelihood. (Beam search ranks by
+    the unrenormalised sum, see the module docstring; this is a diagnostic, not the ranking.)
+    """
+    memory, keep = model.encode(src_tokens)
+    hidden = model.decode(memory, keep, target_codes[:, :-1])
+    total = torch.zeros(len(target_codes), dtype=torch.float32, device=target_codes.device)
+    prefix = torch.zeros(len(target_codes), dtype=torch.int64, device=target_codes.device)
+    for level, size in enumerate(trie.codebook_sizes):
+        _, exists = trie.lookup(level, prefix[:, None] * size + torch.arange(size, device=prefix.device))
+        log_probs = model.level_logits(hidden[:, level], level).masked_fill(~exists, float("-inf")).log_softmax(-1)
+        total += log_probs.gather(1, target_codes[:, level:level + 1]).squeeze(1)
+        prefix = prefix * size + target_codes[:, level]
+    return total

@@ -44,6 +44,19 @@ def item_popularity(item_index: np.ndarray, split: LeaveOneOut, n_items: int) ->
     return np.bincount(train_items, minlength=n_items).astype(np.int64)
 
 
+def popularity_log_likelihood(popularity: np.ndarray, items: np.ndarray, smoothing: float = 1.0) -> np.ndarray:
+    """log p(item) of the smoothed popularity distribution (count + smoothing) / (total + N * smoothing).
+
+    popularity: (N,) training-event counts (`item_popularity`); items: item rows -> float64 of items' shape.
+    The reference likelihood for a sequential model's (`modules.beam_search.item_log_likelihood`):
+    a model that has learned nothing beyond popularity scores about this.
+    """
+    if smoothing <= 0:
+        raise ValueError(f"smoothing = {smoothing} must be > 0: an item unseen in training would get log 0.")
+    counts = np.asarray(popularity, dtype=np.float64) + smoothing
+    return np.log(counts[np.asarray(items)] / counts.sum())
+
+
 class MostPopular:
     """Recommends the most frequent training items the user has not seen yet.
 

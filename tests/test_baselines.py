@@ -12,7 +12,7 @@ import torch
 
 from experiments import baselines
 from experiments.artifacts import ArtifactError, load_json, save_npy, save_npz
-from modules.popularity import MostPopular, item_popularity, training_event_mask
+from modules.popularity import MostPopular, item_popularity, popularity_log_likelihood, training_event_mask
 from modules.sasrec import PAD, SASRec, left_padded_windows, training_windows
 from modules.split import leave_one_out
 
@@ -50,6 +50,15 @@ def clean_gin():
 # ---------------------------------------------------------------- popularity
 
 HAND_MADE = [np.array([0, 1, 2, 3]), np.array([1, 2, 4]), np.array([2, 0, 1, 4, 3])]
+
+
+def test_popularity_log_likelihood_known_answer():
+    counts = np.array([3, 0, 1])  # smoothed: 4, 1, 2 of 7
+    np.testing.assert_allclose(popularity_log_likelihood(counts, np.array([0, 1, 2, 0])),
+                               np.log([4 / 7, 1 / 7, 2 / 7, 4 / 7]))
+    assert np.exp(popularity_log_likelihood(counts, np.arange(3), smoothing=0.5)).sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="smoothing"):
+        popularity_log_likelihood(counts, np.arange(3), smoothing=0)
 
 
 def test_popularity_counts_training_events_only():

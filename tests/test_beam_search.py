@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from modules.beam_search import NO_ITEM, SemanticIdTrie, beam_search, exhaustive_item_scores
+from modules.beam_search import NO_ITEM, SemanticIdTrie, beam_search, exhaustive_item_scores, item_log_likelihood
 from modules.sequences import Vocabulary, random_semantic_ids
 from modules.tiger import Tiger
 
@@ -41,6 +41,17 @@ def test_catalogue_wide_beam_equals_exhaustive_ranking(with_seen):
     assert torch.equal(result.items, expected_items[:, :top_k])
     torch.testing.assert_close(result.scores, expected_scores[:, :top_k], rtol=1e-5, atol=1e-5)
     assert not seen.gather(1, result.items).any()
+
+
+def test_item_log_likelihood_is_a_distribution_over_the_catalogue():
+    model, semantic_ids, src = tiny_setup(n_items=11)  # 11 of 24 possible IDs: some children are missing
+    trie = SemanticIdTrie(semantic_ids, CODEBOOK_SIZES)
+    n_users, n_items = len(src), len(semantic_ids)
+    log_likelihood = item_log_likelihood(model, src.repeat_interleave(n_items, 0), semantic_ids.repeat(n_users, 1),
+                                         trie).view(n_users, n_items)
+    torch.testing.assert_close(log_likelihood.exp().sum(1), torch.ones(n_users))
+    # Renormalising over the real children only raises each item's probability above the free decoder's.
+    assert (log_likelihood >= exhaustive_item_scores(model, src, semantic_ids) - 1e-5).all()
 
 
 def test_beam_returns_distinct_real_unseen_items_even_when_most_are_seen():

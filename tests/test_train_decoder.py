@@ -100,9 +100,10 @@ def test_outputs_and_skip_when_finished(tmp_path):
     assert report["model"] == "tiger" and report["n_test_users"] == 30
     assert report["best_step"] in (4, 8)
     for split in ("valid", "test"):
-        assert set(report[split]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+        assert set(report[split]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10", "nll"}
         assert 0 <= report[split]["ndcg@10"] <= report[split]["recall@10"] <= 1
         assert report[split]["recall@5"] <= report[split]["recall@10"]
+        assert 0 < report[split]["nll"] < float("inf") and 0 < report["popularity_nll"][split] < float("inf")
     assert 0 <= report["invalid_rate_unconstrained"] <= 1
     for name in ("curves.png", "config.gin", "results.md", "best.pt", "checkpoint.pt", "train.log"):
         assert (out / name).is_file(), name
@@ -111,6 +112,7 @@ def test_outputs_and_skip_when_finished(tmp_path):
     history = torch.load(out / "checkpoint.pt", weights_only=False)["history"]
     best = max(history["valid"], key=lambda entry: entry[1]["recall@10"])
     assert best[0] == report["best_step"] and best[1] == report["valid"]
+    assert history["popularity_nll"] == report["popularity_nll"]["valid"]  # every user validates here
     # A finished run is skipped: a different config would otherwise change the answer.
     stamp = (out / "metrics.json").stat().st_mtime_ns
     assert run_train(run, out, "train_decoder.iterations = 2") == on_disk
