@@ -39,7 +39,7 @@ from modules import metrics as ranking
 from modules.beam_search import NO_ITEM, SemanticIdTrie, beam_search, item_log_likelihood
 from modules.popularity import item_popularity, popularity_log_likelihood
 from modules.sequences import (Vocabulary, check_semantic_ids, encode_histories, hash_users, history_windows,
-                               random_semantic_ids, semantic_id_tokens, training_windows, user_of_positions,
+                               first_training_targets, random_semantic_ids, semantic_id_tokens, training_windows, user_of_positions,
                                window_targets)
 from modules.split import leave_one_out
 from modules.tiger import Tiger
@@ -61,6 +61,7 @@ class DecoderData:
 
     semantic_ids: (N, L+1) int64 codes; item_tokens: (N, L+1) their token ids.
     user_tokens:  (U,) token id of each user row's hashed bucket.
+    first_target: (U,) earliest training target of each user row (`first_training_targets`).
     train_positions: (W,) CSR position of the last target of every training window; a window holds
                  `targets_per_window` consecutive targets (1: every training target is its own example).
     """
@@ -72,10 +73,10 @@ class DecoderData:
     user_tokens: np.ndarray
     valid_pos: np.ndarray
     test_pos: np.ndarray
+    first_target: np.ndarray
     train_positions: np.ndarray
     max_history: int
     targets_per_window: int = 1
-    min_history: int = MIN_HISTORY
 
     @property
     def n_items(self) -> int:
@@ -103,8 +104,8 @@ class DecoderData:
         if self.targets_per_window == 1:
             return src, self.target_codes(last_pos), None
         users = user_of_positions(self.interactions.offsets, last_pos)
-        positions, visible = window_targets(last_pos, self.interactions.offsets[users] + self.min_history,
-                                            self.max_history, self.targets_per_window)
+        positions, visible = window_targets(last_pos, self.first_target[users], self.max_history,
+                                            self.targets_per_window)
         return src, self.target_codes(positions), visible
 
     def target_codes(self, target_pos: np.ndarray) -> np.ndarray:
@@ -165,19 +166,21 @@ def load_semantic_ids(run_dir: Path, semantic_ids_dir: Path, codebook_sizes: lis
 
 
 def load_data(run_dir: Path, semantic_ids_dir: Path, codebook_sizes, random_ids: bool, seed: int,
-              max_history: int, n_user_buckets: int, targets_per_window: int = 1) -> DecoderData:
+              max_history: int, n_user_buckets: int, targets_per_window: int = 1,
+              max_targets_per_user: int | None = None) -> DecoderData:
     """Read the run folder and build the token tables and training windows."""
     semantic_ids, sizes = load_semantic_ids(run_dir, semantic_ids_dir, codebook_sizes, random_ids, seed)
     interactions = artifacts.load_interactions(run_dir)
     split = leave_one_out(interactions.offsets)
     vocab = Vocabulary(sizes, n_user_buckets)
+    first_target = first_training_targets(split.starts, split.valid_pos, MIN_HISTORY, max_targets_per_user)
     data = DecoderData(interactions=interactions, semantic_ids=semantic_ids, vocab=vocab,
                        item_tokens=semantic_id_tokens(semantic_ids, vocab),
                        user_tokens=hash_users(interactions.user_ids, n_user_buckets) + vocab.user_token_offset,
-                       valid_pos=split.valid_pos, test_pos=split.test_pos,
-                       train_positions=training_windows(split.starts, split.valid_pos, targets_per_window, MIN_HISTORY),
-                       max_history=max_history, targets_per_window=targets_per_window, min_history=MIN_HISTORY)
-    n_targets = int(np.maximum(split.valid_pos - split.starts - data.min_history, 0).sum())
+                       valid_pos=split.valid_pos, test_pos=split.test_pos, first_target=first_target,
+                       train_positions=training_windows(first_target, split.valid_pos, targets_per_window),
+                       max_history=max_history, targets_per_window=targets_per_window)
+    n_targets = int(np.maximum(split.valid_pos - first_target, 0).sum())
     log.info("%d items, %d users, %d training targets in %d windows of up to %d, codebook sizes %s, "
              "vocabulary %d tokens", data.n_items, interactions.n_users, n_targets, len(data.train_positions),
              targets_per_window, list(sizes), vocab.size)
@@ -434,7 +437,8 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
           dataset: str = gin.REQUIRED, iterations: int = gin.REQUIRED, batch_size: int = 256,
           learning_rate: float = 3e-4, weight_decay: float = 0.035, warmup_steps: int = 1000,
           final_lr_fraction: float = 0.1, grad_clip: float = 1.0, max_history: int = 20,
-          targets_per_window: int = 1, n_user_buckets: int = 2000, codebook_sizes: list[int] | None = None, random_ids: bool = False,
+          targets_per_window: int = 1, max_targets_per_user: int | None = None, n_user_buckets: int = 2000,
+          codebook_sizes: list[int] | None = None, random_ids: bool = False,
           seed: int = 0, beam_width: int = 20, top_k: int = 10, log_every: int = 50, eval_every: int = 1000,
           checkpoint_every: int = 1000, eval_batch_size: int = 256, valid_max_users: int | None = None,
           overwrite: bool = False, stop_at_step: int | None = None) -> dict | None:
@@ -444,6 +448,7 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     out_dir (default RUN/decoder, or RUN/decoder_random_ids). batch_size is the global batch (all ranks)
     in windows; each window trains `targets_per_window` consecutive targets from one encoder pass
     (1 = the paper's one example per target; more needs Tiger.causal_encoder = True).
+    max_targets_per_user: train only each user's most recent that many targets (None: all of them).
     stop_at_step stops after that many steps with a checkpoint (to test resuming); returns None then.
     Returns the metrics.json dict.
     """
@@ -466,7 +471,7 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     np.random.seed(seed)
     torch.manual_seed(seed + runtime.rank)  # different dropout masks per rank, same initial weights below
     data = load_data(run_dir, semantic_ids_dir, codebook_sizes, random_ids, seed, max_history, n_user_buckets,
-                     targets_per_window)
+                     targets_per_window, max_targets_per_user)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ConfiguredTiger(vocab=data.vocab, max_history=max_history).to(runtime.device)
@@ -521,7 +526,7 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
             save_checkpoint(out_dir / CHECKPOINT_FILE, model, optimizer, scheduler, done, history, config, runtime)
     return finish(model, data, trie, runtime, eval_args, history, out_dir, dataset=dataset, random_ids=random_ids,
                   iterations=iterations, semantic_ids_dir=semantic_ids_dir, causal_encoder=model.causal_encoder,
-                  targets_per_window=targets_per_window)
+                  targets_per_window=targets_per_window, max_targets_per_user=max_targets_per_user)
 
 
 def train_step(model, optimizer, scheduler, data: DecoderData, example_indices: np.ndarray, grad_clip: float,
@@ -596,7 +601,8 @@ def finish(model: Tiger, data: DecoderData, trie, runtime: Runtime, eval_args: d
               "beam_width": eval_args["beam_width"], "top_k": eval_args["top_k"],
               "semantic_ids": "random" if info["random_ids"] else str(info["semantic_ids_dir"]),
               "semantic_ids_sha1": data.ids_digest,
-              "causal_encoder": info["causal_encoder"], "targets_per_window": info["targets_per_window"]}
+              "causal_encoder": info["causal_encoder"], "targets_per_window": info["targets_per_window"],
+              "max_targets_per_user": info["max_targets_per_user"]}
     log.info("test %s; unconstrained invalid-ID rate %.4f", " ".join(f"{k}={v:.4f}" for k, v in test.items()), invalid)
     if runtime.is_main:
         write_curves(out_dir / "curves.png", history)

@@ -121,18 +121,34 @@ def hash_users(user_ids: np.ndarray, n_buckets: int) -> np.ndarray:
     return (x % np.uint64(n_buckets)).astype(np.int64)
 
 
-def training_windows(starts: np.ndarray, valid_pos: np.ndarray, targets_per_window: int,
-                     min_history: int = 1) -> np.ndarray:
+def first_training_targets(starts: np.ndarray, valid_pos: np.ndarray, min_history: int = 1,
+                           max_targets_per_user: int | None = None) -> np.ndarray:
+    """(U,) int64 earliest training target position of each user.
+
+    A user's training events are [starts[u], valid_pos[u]) (modules.split); a target needs at least
+    `min_history` earlier events. With max_targets_per_user, only the user's most recent that many
+    targets train (the same cap as SASRec's `max_windows_per_user`: heavy raters weigh less, recent
+    behaviour more). A user with no target gets valid_pos or later (no window).
+    """
+    if max_targets_per_user is not None and max_targets_per_user < 1:
+        raise ValueError(f"max_targets_per_user = {max_targets_per_user} must be >= 1 (or None for every target).")
+    first = np.asarray(starts, dtype=np.int64) + min_history
+    if max_targets_per_user is not None:
+        first = np.maximum(first, np.asarray(valid_pos, dtype=np.int64) - max_targets_per_user)
+    return first
+
+
+def training_windows(first_target: np.ndarray, valid_pos: np.ndarray, targets_per_window: int) -> np.ndarray:
     """Last target position of every training window holding `targets_per_window` (s) consecutive targets.
 
-    A user's training events are [starts[u], valid_pos[u]) (modules.split); its targets are those
-    with at least `min_history` earlier events. Counted back from the user's last one, they are cut into groups of s,
-    the oldest group possibly shorter, so every target is in exactly one window. Returns (W,) int64,
-    users in row order, time order within a user; with s = 1, every target is its own window.
+    A user's targets are [first_target[u], valid_pos[u]) (`first_training_targets`). Counted back from
+    the user's last one, they are cut into groups of s, the oldest group possibly shorter, so every
+    target is in exactly one window. Returns (W,) int64, users in row order, time order within a
+    user; with s = 1, every target is its own window.
     """
     if targets_per_window < 1:
         raise ValueError(f"targets_per_window must be >= 1, got {targets_per_window}.")
-    first = np.asarray(starts, dtype=np.int64) + min_history
+    first = np.asarray(first_target, dtype=np.int64)
     last = np.asarray(valid_pos, dtype=np.int64) - 1
     counts = -(-np.maximum(last - first + 1, 0) // targets_per_window)  # windows per user (ceil)
     user_of = np.repeat(np.arange(len(counts)), counts)
@@ -147,7 +163,7 @@ def window_targets(last_pos: np.ndarray, first_target: np.ndarray, max_history: 
     The window's encoder input is the `max_history` (H) items before last_pos (`history_windows`);
     its s targets are the events last_pos-s+1 .. last_pos. Target q may see the window slots before
     it: H - (last_pos - q) items. first_target (W,) is the earliest allowed target position of each
-    window's user (start + min_history); earlier ones are absent.
+    window's user (`first_training_targets`); earlier ones are absent.
     Returns positions (W, s) int64 (clipped to a valid event where absent) and visible (W, s) int64,
     -1 where absent.
     """

@@ -9,8 +9,8 @@ import torch
 
 import train_decoder
 from experiments import artifacts
-from modules.sequences import (NO_ITEM, PAD_TOKEN, Vocabulary, encode_histories, hash_users, history_windows,
-                               semantic_id_tokens, training_windows, window_targets)
+from modules.sequences import (NO_ITEM, PAD_TOKEN, Vocabulary, encode_histories, first_training_targets, hash_users,
+                               history_windows, semantic_id_tokens, training_windows, window_targets)
 
 REPO = Path(__file__).resolve().parents[1]
 CODEBOOK_SIZES = [4, 4, 3]
@@ -171,7 +171,8 @@ def test_data_order_covers_each_epoch_once_and_shards_ranks():
 
 def test_training_examples_are_every_prefix_of_the_training_history():
     # Two users: events 0..5 (valid at 4) and 6..9 (valid at 8).
-    positions = training_windows(np.array([0, 6]), np.array([4, 8]), targets_per_window=1, min_history=1)
+    starts, valid = np.array([0, 6]), np.array([4, 8])
+    positions = training_windows(first_training_targets(starts, valid, min_history=1), valid, targets_per_window=1)
     assert positions.tolist() == [1, 2, 3, 7]
     item_index = np.array([10, 11, 12, 13, 14, 15, 20, 21, 22, 23])
     windows = history_windows(item_index, np.array([0, 0, 6]), np.array([3, 5, 7]), max_history=3)
@@ -180,10 +181,11 @@ def test_training_examples_are_every_prefix_of_the_training_history():
 
 def test_windows_hold_every_target_once_counted_back_from_the_last():
     starts, valid = np.array([0, 10, 20]), np.array([8, 12, 21])  # 7, 1 and 0 targets (min_history 1)
-    last = training_windows(starts, valid, targets_per_window=3)
+    first = first_training_targets(starts, valid)
+    last = training_windows(first, valid, targets_per_window=3)
     assert last.tolist() == [1, 4, 7, 11]  # user 0: targets {1}, {2,3,4}, {5,6,7}; user 1: {11}
     users = np.searchsorted(np.array([0, 10, 20, 21]), last, side="right") - 1
-    positions, visible = window_targets(last, starts[users] + 1, max_history=5, targets_per_window=3)
+    positions, visible = window_targets(last, first[users], max_history=5, targets_per_window=3)
     present = visible >= 0
     assert sorted(positions[present].tolist()) == [1, 2, 3, 4, 5, 6, 7, 11]
     assert visible.tolist() == [[-1, -1, 5], [3, 4, 5], [3, 4, 5], [-1, -1, 5]]
@@ -191,10 +193,24 @@ def test_windows_hold_every_target_once_counted_back_from_the_last():
         window_targets(last, starts[users] + 1, max_history=2, targets_per_window=3)
 
 
-def test_each_window_target_sees_exactly_the_items_before_it(tmp_path):
+def test_target_cap_keeps_each_users_most_recent_targets():
+    starts, valid = np.array([0, 10, 20]), np.array([8, 12, 21])  # 7, 1 and 0 targets uncapped
+    first = first_training_targets(starts, valid, min_history=1, max_targets_per_user=4)
+    assert first.tolist() == [4, 11, 21]
+    last = training_windows(first, valid, targets_per_window=3)
+    assert last.tolist() == [4, 7, 11]  # user 0: targets {4}, {5,6,7}; user 1: {11}
+    users = np.searchsorted(np.array([0, 10, 20, 21]), last, side="right") - 1
+    positions, visible = window_targets(last, first[users], max_history=5, targets_per_window=3)
+    assert sorted(positions[visible >= 0].tolist()) == [4, 5, 6, 7, 11]
+    with pytest.raises(ValueError, match="max_targets_per_user"):
+        first_training_targets(starts, valid, max_targets_per_user=0)
+
+
+@pytest.mark.parametrize("cap", [None, 5])
+def test_each_window_target_sees_exactly_the_items_before_it(tmp_path, cap):
     run = make_run(tmp_path / "run")
     data = train_decoder.load_data(run, run / "rqvae", None, False, 0, max_history=4, n_user_buckets=7,
-                                   targets_per_window=3)
+                                   targets_per_window=3, max_targets_per_user=cap)
     offsets, item_index = data.interactions.offsets, data.interactions.item_index
     src, codes, visible = data.training_batch(data.train_positions)
     users = np.searchsorted(offsets, data.train_positions, side="right") - 1
@@ -210,9 +226,10 @@ def test_each_window_target_sees_exactly_the_items_before_it(tmp_path):
             assert np.array_equal(slots[w, k - len(history):k], expected)  # the k slots end right before q
             assert (slots[w, :k - len(history)] == PAD_TOKEN).all()
             assert np.array_equal(codes[w, t], data.semantic_ids[item_index[q]])
-            assert q < data.valid_pos[users[w]]
+            assert data.valid_pos[users[w]] - (cap or len(item_index)) <= q < data.valid_pos[users[w]]
             targets_seen += 1
-    assert targets_seen == (data.valid_pos - offsets[:-1] - 1).sum()
+    per_user = data.valid_pos - offsets[:-1] - 1
+    assert targets_seen == (per_user if cap is None else np.minimum(per_user, cap)).sum()
 
 
 def test_several_targets_per_window_need_the_causal_encoder(tmp_path):
