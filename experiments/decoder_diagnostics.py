@@ -1,0 +1,137 @@
+"""Does a trained TIGER read the history? Its NLL and recall on perturbed inputs, against popularity.
+
+    python -m experiments.decoder_diagnostics runs/ml_small/decoder [--split valid] [--threads 2]
+
+Reads a finished train_decoder.py output folder (config.gin, best.pt) and the run folder and semantic
+IDs named in its config.gin (paths as train_decoder.py was given them: run from the same folder). For each user's validation (or test) target it scores the best
+checkpoint on the encoder input as trained and on four perturbations of it: another user's token,
+another user's history, no history, the history in shuffled order. Writes OUT/diagnostics_<split>.json
+and .md: per input, the NLL of the target among all real items (`item_log_likelihood`), recall@10 and
+ndcg@10 of constrained beam search (seen items excluded), and the most-popular NLL for reference.
+A model that reads its input loses NLL when the history is replaced; one at popularity level does not.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import gin
+import numpy as np
+import torch
+
+import train_decoder
+from experiments import artifacts
+from modules import metrics as ranking
+from modules.beam_search import SemanticIdTrie, beam_search, item_log_likelihood
+from modules.sequences import PAD_TOKEN
+
+log = logging.getLogger(__name__)
+PERTURBATIONS = ("as trained", "another user's token", "another user's history", "no history", "shuffled history")
+
+
+def perturbed_inputs(src: np.ndarray, n_levels: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Encoder inputs (B, 1 + H*n_levels) -> the same batch under each of PERTURBATIONS.
+
+    Another user's token / history: row b takes row b+1's (cyclically), the rest unchanged.
+    No history: every item slot PAD. Shuffled history: each row's real items in a random order,
+    padding slots where they were.
+    """
+    rows = len(src)
+    history = src[:, 1:].reshape(rows, -1, n_levels)
+    other_token, other_history, empty = src.copy(), src.copy(), src.copy()
+    other_token[:, 0] = np.roll(src[:, 0], -1)
+    other_history[:, 1:] = np.roll(src[:, 1:], -1, axis=0)
+    empty[:, 1:] = PAD_TOKEN
+    shuffled = history.copy()
+    rng = np.random.default_rng(seed)
+    for row in range(rows):
+        real = np.flatnonzero(history[row, :, 0] != PAD_TOKEN)
+        shuffled[row, real] = history[row, rng.permutation(real)]
+    shuffled_src = np.concatenate([src[:, :1], shuffled.reshape(rows, -1)], axis=1)
+    return dict(zip(PERTURBATIONS, (src, other_token, other_history, empty, shuffled_src)))
+
+
+def _gin_value(name: str):
+    """A parsed gin parameter, with macro references (e.g. %HISTORY) evaluated."""
+    value = gin.query_parameter(name)
+    return value.scoped_configurable_fn() if isinstance(value, gin.config.ConfigurableReference) else value
+
+
+def load_trained(out_dir: Path) -> tuple[train_decoder.Tiger, train_decoder.DecoderData]:
+    """The best checkpoint of a train_decoder.py output folder and the data it was trained on."""
+    config_path, best_path = out_dir / "config.gin", out_dir / train_decoder.BEST_FILE
+    for path in (config_path, best_path):
+        if not path.is_file():
+            raise artifacts.ArtifactError(f"{path} is missing: run train_decoder.py with --out {out_dir} first.")
+    text = config_path.read_text()
+    folders = dict(line[2:].split(": ", 1) for line in text.splitlines()
+                   if line.startswith(("# run_dir: ", "# semantic_ids_dir: ")))
+    if len(folders) != 2:
+        raise artifacts.ArtifactError(f"{config_path} lacks its '# run_dir:' / '# semantic_ids_dir:' header lines; "
+                                      "it was not written by train_decoder.py.")
+    gin.clear_config()
+    gin.parse_config(text)
+    data = train_decoder.load_data(Path(folders["run_dir"]), Path(folders["semantic_ids_dir"]), None,
+                                   _gin_value("train_decoder.random_ids"), _gin_value("train_decoder.seed"),
+                                   _gin_value("train_decoder.max_history"), _gin_value("train_decoder.n_user_buckets"))
+    model = train_decoder.ConfiguredTiger(vocab=data.vocab, max_history=data.max_history)
+    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+    return model.eval(), data
+
+
+@torch.no_grad()
+def diagnose(model, data: train_decoder.DecoderData, split: str, beam_width: int, batch_size: int = 128) -> dict:
+    """NLL / recall@10 / ndcg@10 of every user's `split` target under each perturbation of its input."""
+    positions = data.valid_pos if split == "valid" else data.test_pos
+    trie = SemanticIdTrie(torch.as_tensor(data.semantic_ids), data.vocab.codebook_sizes)
+    targets = data.interactions.item_index[positions]
+    rows = {name: {"nll": 0.0, "items": []} for name in PERTURBATIONS}
+    for start in range(0, len(positions), batch_size):
+        batch = positions[start:start + batch_size]
+        codes = torch.as_tensor(data.target_codes(batch))
+        seen = data.seen_items(batch, torch.device("cpu"))
+        for name, src in perturbed_inputs(data.encoder_inputs(batch), data.vocab.n_levels, seed=start).items():
+            src = torch.as_tensor(src)
+            rows[name]["nll"] -= float(item_log_likelihood(model, src, codes, trie).sum())
+            rows[name]["items"].append(beam_search(model, src, trie, beam_width, 10, seen=seen).items.numpy())
+    result = {}
+    for name, row in rows.items():
+        found = ranking.ranking_metrics(np.concatenate(row["items"]), targets)
+        result[name] = {"nll": row["nll"] / len(positions), "recall@10": found["recall@10"], "ndcg@10": found["ndcg@10"]}
+    return {"split": split, "n_users": len(positions), "beam_width": beam_width,
+            "popularity_nll": train_decoder.popularity_nll(data, positions), "inputs": result}
+
+
+def markdown(report: dict, out_dir: Path) -> str:
+    lines = [f"# Input diagnostics of {out_dir}", "",
+             f"{report['n_users']} users' {report['split']} targets; NLL of the target among all items (nats, lower "
+             f"is better; most popular: {report['popularity_nll']:.3f}); beam {report['beam_width']}, seen items excluded.",
+             "", "| encoder input | NLL | recall@10 | ndcg@10 |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {m['nll']:.3f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} |"
+              for name, m in report["inputs"].items()]
+    return "\n".join(lines + [""])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="a train_decoder.py output folder (config.gin, best.pt)")
+    parser.add_argument("--split", choices=("valid", "test"), default="valid")
+    parser.add_argument("--beam-width", type=int, help="default: the run's train_decoder.beam_width")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    model, data = load_trained(out_dir)
+    report = diagnose(model, data, args.split, args.beam_width or _gin_value("train_decoder.beam_width"))
+    gin.clear_config()
+    artifacts.save_json(out_dir / f"diagnostics_{args.split}.json", report)
+    artifacts.save_text(out_dir / f"diagnostics_{args.split}.md", markdown(report, out_dir))
+    print(markdown(report, out_dir))
+    return report
+
+
+if __name__ == "__main__":
+    main()

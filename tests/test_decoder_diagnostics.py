@@ -1,0 +1,52 @@
+"""Decoder input diagnostics: the perturbations, and agreement with train_decoder's own validation."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments import artifacts, decoder_diagnostics
+from experiments.decoder_diagnostics import PERTURBATIONS, perturbed_inputs
+from modules.sequences import PAD_TOKEN
+from tests.test_train_decoder import make_run, run_train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_perturbations_change_only_what_they_name():
+    n_levels, rows = 2, 4
+    src = np.arange(100, 100 + rows * 7).reshape(rows, 7)  # user token + 3 items x 2 codes
+    src[0, 1:3] = PAD_TOKEN  # user 0 has 2 items
+    out = perturbed_inputs(src, n_levels, seed=1)
+    assert list(out) == list(PERTURBATIONS) and np.array_equal(out["as trained"], src)
+    assert np.array_equal(out["another user's token"][:, 0], np.roll(src[:, 0], -1))
+    assert np.array_equal(out["another user's token"][:, 1:], src[:, 1:])
+    assert np.array_equal(out["another user's history"][:, 0], src[:, 0])
+    assert np.array_equal(out["another user's history"][:, 1:], np.roll(src[:, 1:], -1, axis=0))
+    assert (out["no history"][:, 1:] == PAD_TOKEN).all() and np.array_equal(out["no history"][:, 0], src[:, 0])
+    shuffled = out["shuffled history"]
+    assert np.array_equal(shuffled[:, 0], src[:, 0]) and not np.array_equal(shuffled, src)
+    for row in range(rows):  # same items (code pairs kept together), padding in place
+        items = lambda x: sorted(map(tuple, x[row, 1:].reshape(-1, n_levels)))
+        assert items(shuffled) == items(src)
+        assert np.array_equal(shuffled[row, 1:] == PAD_TOKEN, src[row, 1:] == PAD_TOKEN)
+
+
+def test_as_trained_row_matches_the_runs_validation(tmp_path):
+    run, out = make_run(tmp_path / "run"), tmp_path / "out"
+    report = run_train(run, out)
+    found = decoder_diagnostics.main([str(out)])
+    as_trained = found["inputs"]["as trained"]
+    assert as_trained["nll"] == pytest.approx(report["valid"]["nll"], rel=1e-5)
+    assert as_trained["recall@10"] == pytest.approx(report["valid"]["recall@10"])
+    assert found["popularity_nll"] == pytest.approx(report["popularity_nll"]["valid"])
+    assert set(found["inputs"]) == set(PERTURBATIONS)
+    assert json.loads((out / "diagnostics_valid.json").read_text()) == json.loads(json.dumps(found))
+    assert "| no history |" in (out / "diagnostics_valid.md").read_text()
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    run, out = make_run(tmp_path / "run"), tmp_path / "out"
+    run_train(run, out)
+    (out / "best.pt").unlink()
+    with pytest.raises(artifacts.ArtifactError, match="best.pt is missing"):
+        decoder_diagnostics.main([str(out)])
