@@ -150,6 +150,28 @@ def evaluate_sasrec(model: SASRec, interactions: Interactions, split: LeaveOneOu
     return evaluate_ranker(ranker, interactions, split, name, batch_size)
 
 
+@torch.no_grad()
+def sasrec_target_nll(checkpoint: str | os.PathLike, interactions: Interactions, split: LeaveOneOut, name: str,
+                      batch_size: int = 1024) -> float:
+    """Mean NLL (nats) of each user's `name` target under a trained SASRec's full softmax (on CPU).
+
+    checkpoint: a best.pt of `train_sasrec`. Seen items are not excluded: the same quantity as
+    TIGER's `nll` (train_decoder.evaluate), for comparing likelihoods rather than top-10 hits.
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = SASRec(n_items=state["hyperparameters"]["n_items"], **state["hyperparameters"]["model"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    ends, targets = split_inputs(interactions, split, name)
+    total = 0.0
+    for lo in range(0, len(ends), batch_size):
+        tokens = torch.from_numpy(left_padded_windows(interactions.item_index, split.starts[lo:lo + batch_size],
+                                                      ends[lo:lo + batch_size], model.max_len))
+        log_probs = model.score_next(tokens).log_softmax(-1)
+        total -= float(log_probs.gather(1, torch.as_tensor(targets[lo:lo + batch_size])[:, None]).sum())
+    return total / len(ends)
+
+
 def _autocast(device: torch.device):
     """bf16 autocast on CUDA (no loss scaling needed), nothing on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

@@ -7,7 +7,8 @@ IDs named in its config.gin (paths as train_decoder.py was given them: run from 
 checkpoint on the encoder input as trained and on four perturbations of it: another user's token,
 another user's history, no history, the history in shuffled order. Writes OUT/diagnostics_<split>.json
 and .md: per input, the NLL of the target among all real items (`item_log_likelihood`), recall@10 and
-ndcg@10 of constrained beam search (seen items excluded), and the most-popular NLL for reference.
+ndcg@10 of constrained beam search (seen items excluded), and for reference the NLL of most-popular
+and (when RUN/baselines/sasrec/best.pt exists) of SASRec on the same targets.
 A model that reads its input loses NLL when the history is replaced; one at popularity level does not.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 import train_decoder
 from experiments import artifacts
+from experiments.baselines import load_run, sasrec_target_nll
 from modules import metrics as ranking
 from modules.beam_search import SemanticIdTrie, beam_search, item_log_likelihood
 from modules.sequences import PAD_TOKEN
@@ -58,8 +60,8 @@ def _gin_value(name: str):
     return value.scoped_configurable_fn() if isinstance(value, gin.config.ConfigurableReference) else value
 
 
-def load_trained(out_dir: Path) -> tuple[train_decoder.Tiger, train_decoder.DecoderData]:
-    """The best checkpoint of a train_decoder.py output folder and the data it was trained on."""
+def load_trained(out_dir: Path) -> tuple[train_decoder.Tiger, train_decoder.DecoderData, Path]:
+    """The best checkpoint of a train_decoder.py output folder, the data it was trained on, its run folder."""
     config_path, best_path = out_dir / "config.gin", out_dir / train_decoder.BEST_FILE
     for path in (config_path, best_path):
         if not path.is_file():
@@ -77,7 +79,7 @@ def load_trained(out_dir: Path) -> tuple[train_decoder.Tiger, train_decoder.Deco
                                    _gin_value("train_decoder.max_history"), _gin_value("train_decoder.n_user_buckets"))
     model = train_decoder.ConfiguredTiger(vocab=data.vocab, max_history=data.max_history)
     model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
-    return model.eval(), data
+    return model.eval(), data, Path(folders["run_dir"])
 
 
 @torch.no_grad()
@@ -103,10 +105,22 @@ def diagnose(model, data: train_decoder.DecoderData, split: str, beam_width: int
             "popularity_nll": train_decoder.popularity_nll(data, positions), "inputs": result}
 
 
+def sasrec_nll(run_dir: Path, split: str) -> float | None:
+    """SASRec's NLL of the same targets, if the run has a trained SASRec (RUN/baselines/sasrec/best.pt)."""
+    checkpoint = run_dir / "baselines" / "sasrec" / "best.pt"
+    if not checkpoint.is_file():
+        log.info("no %s: the report has no SASRec row", checkpoint)
+        return None
+    interactions, _, loo = load_run(run_dir)
+    return sasrec_target_nll(checkpoint, interactions, loo, split)
+
+
 def markdown(report: dict, out_dir: Path) -> str:
     lines = [f"# Input diagnostics of {out_dir}", "",
              f"{report['n_users']} users' {report['split']} targets; NLL of the target among all items (nats, lower "
-             f"is better; most popular: {report['popularity_nll']:.3f}); beam {report['beam_width']}, seen items excluded.",
+             f"is better; most popular: {report['popularity_nll']:.3f}"
+             + (f", SASRec: {report['sasrec_nll']:.3f}" if report.get("sasrec_nll") is not None else "")
+             + f"); beam {report['beam_width']}, seen items excluded.",
              "", "| encoder input | NLL | recall@10 | ndcg@10 |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {m['nll']:.3f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} |"
               for name, m in report["inputs"].items()]
@@ -124,8 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
-    model, data = load_trained(out_dir)
+    model, data, run_dir = load_trained(out_dir)
     report = diagnose(model, data, args.split, args.beam_width or _gin_value("train_decoder.beam_width"))
+    report["sasrec_nll"] = sasrec_nll(run_dir, args.split)
     gin.clear_config()
     artifacts.save_json(out_dir / f"diagnostics_{args.split}.json", report)
     artifacts.save_text(out_dir / f"diagnostics_{args.split}.md", markdown(report, out_dir))

@@ -172,6 +172,20 @@ def test_sasrec_learns_a_deterministic_pattern_far_above_popularity(tmp_path):
     assert {"best.pt", "last.pt", "config.gin", "train.log", "metrics.json"} <= {p.name for p in out.iterdir()}
     assert "SASRec.hidden_dim = 32" in (out / "config.gin").read_text()
     assert "device: cpu" in (out / "train.log").read_text()
+    interactions, n_items, split = baselines.load_run(run)
+    assert baselines.sasrec_target_nll(out / "best.pt", interactions, split, "test") < math.log(n_items) - 1
+
+
+def test_sasrec_target_nll_of_a_blind_model_is_log_catalogue_size(tmp_path):
+    run = write_run(tmp_path / "run", pattern_histories(20, 40), n_items=40)
+    interactions, n_items, split = baselines.load_run(run)
+    model = SASRec(n_items=n_items, **TINY_MODEL)
+    with torch.no_grad():
+        model.item_embedding.weight.zero_()  # every item logit 0: the uniform distribution
+    torch.save({"model": model.state_dict(), "hyperparameters": {"n_items": n_items, "model": TINY_MODEL}},
+               tmp_path / "best.pt")
+    nll = baselines.sasrec_target_nll(tmp_path / "best.pt", interactions, split, "valid", batch_size=7)
+    assert nll == pytest.approx(math.log(n_items), rel=1e-6)
 
 
 def _empty_gin(tmp_path: Path) -> Path:

@@ -40,6 +40,7 @@ def test_as_trained_row_matches_the_runs_validation(tmp_path):
     assert as_trained["recall@10"] == pytest.approx(report["valid"]["recall@10"])
     assert found["popularity_nll"] == pytest.approx(report["popularity_nll"]["valid"])
     assert set(found["inputs"]) == set(PERTURBATIONS)
+    assert found["sasrec_nll"] is None  # the tiny run has no baselines
     assert json.loads((out / "diagnostics_valid.json").read_text()) == json.loads(json.dumps(found))
     assert "| no history |" in (out / "diagnostics_valid.md").read_text()
 
