@@ -38,9 +38,9 @@ from experiments import artifacts
 from modules import metrics as ranking
 from modules.beam_search import NO_ITEM, SemanticIdTrie, beam_search, item_log_likelihood
 from modules.popularity import item_popularity, popularity_log_likelihood
-from modules.sequences import (Vocabulary, check_semantic_ids, encode_histories, hash_users, history_windows,
-                               first_training_targets, random_semantic_ids, semantic_id_tokens, training_windows, user_of_positions,
-                               window_targets)
+from modules.sequences import (Vocabulary, check_semantic_ids, encode_histories, first_training_targets, hash_users,
+                               history_windows, random_semantic_ids, semantic_id_tokens, training_windows,
+                               user_of_positions, window_targets)
 from modules.split import leave_one_out
 from modules.tiger import Tiger
 
@@ -314,7 +314,8 @@ def evaluate(model: Tiger, data: DecoderData, trie: SemanticIdTrie, target_pos: 
              beam_width: int, top_k: int, batch_size: int, desc: str) -> dict:
     """Recall/NDCG@5,10 of constrained beam search over the full catalogue, seen items excluded, and
     `nll`: the mean negative log-likelihood (nats) of the target item among all real items
-    (`item_log_likelihood`; seen items not excluded), a less noisy learning signal than recall.
+    (`item_log_likelihood`; seen items not excluded), a less noisy learning signal than recall
+    (on CUDA computed under bf16 autocast, so it differs slightly from a float32 evaluation).
 
     target_pos: (U,) CSR position of each evaluated user's target; users are sharded across ranks
     and the sums reduced, so every rank returns the same means.
@@ -597,7 +598,8 @@ def finish(model: Tiger, data: DecoderData, trie, runtime: Runtime, eval_args: d
     report = {"model": "tiger_random_ids" if info["random_ids"] else "tiger", "dataset": info["dataset"],
               "n_test_users": len(data.test_pos), "valid": valid, "test": test,
               "invalid_rate_unconstrained": invalid, "best_step": best["step"], "iterations": info["iterations"],
-              "popularity_nll": {"valid": popularity_nll(data, data.valid_pos), "test": popularity_nll(data, data.test_pos)},
+              "popularity_nll": {"valid": popularity_nll(data, data.valid_pos),
+                                 "test": popularity_nll(data, data.test_pos)},
               "beam_width": eval_args["beam_width"], "top_k": eval_args["top_k"],
               "semantic_ids": "random" if info["random_ids"] else str(info["semantic_ids_dir"]),
               "semantic_ids_sha1": data.ids_digest,

@@ -159,7 +159,11 @@ def sasrec_target_nll(checkpoint: str | os.PathLike, interactions: Interactions,
     TIGER's `nll` (train_decoder.evaluate), for comparing likelihoods rather than top-10 hits.
     """
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = SASRec(n_items=state["hyperparameters"]["n_items"], **state["hyperparameters"]["model"])
+    n_items = state["hyperparameters"]["n_items"]
+    if interactions.item_index.max() >= n_items:
+        raise ArtifactError(f"{checkpoint} scores {n_items} items but the run's events use item row "
+                            f"{int(interactions.item_index.max())}: it was trained on another run folder.")
+    model = SASRec(n_items=n_items, **state["hyperparameters"]["model"])
     model.load_state_dict(state["model"])
     model.eval()
     ends, targets = split_inputs(interactions, split, name)

@@ -2,13 +2,14 @@
 
     python -m experiments.decoder_diagnostics runs/ml_small/decoder [--split valid] [--threads 2]
 
-Reads a finished train_decoder.py output folder (config.gin, best.pt) and the run folder and semantic
-IDs named in its config.gin (paths as train_decoder.py was given them: run from the same folder). For each user's validation (or test) target it scores the best
-checkpoint on the encoder input as trained and on four perturbations of it: another user's token,
-another user's history, no history, the history in shuffled order. Writes OUT/diagnostics_<split>.json
-and .md: per input, the NLL of the target among all real items (`item_log_likelihood`), recall@10 and
-ndcg@10 of constrained beam search (seen items excluded), and for reference the NLL of most-popular
-and (when RUN/baselines/sasrec/best.pt exists) of SASRec on the same targets.
+Reads a finished train_decoder.py output folder (config.gin, best.pt, metrics.json) and the run folder
+and semantic IDs named in its config.gin (paths as train_decoder.py was given them: run from the same
+folder). For each user's validation (or test) target it scores the best checkpoint on the encoder input
+as trained and on four perturbations of it: another user's token, another user's history, no history,
+the history in shuffled order. Writes OUT/diagnostics_<split>.json and .md: per input, the NLL of the
+target among all real items (`item_log_likelihood`), recall@10 and ndcg@10 of constrained beam search
+(seen items excluded), and for reference the NLL of most-popular and (when RUN/baselines/sasrec/best.pt
+exists) of SASRec on the same targets. Runs on CPU in float32; holds the split's inputs 5 times in memory.
 A model that reads its input loses NLL when the history is replaced; one at popularity level does not.
 """
 from __future__ import annotations
@@ -35,18 +36,23 @@ PERTURBATIONS = ("as trained", "another user's token", "another user's history",
 def perturbed_inputs(src: np.ndarray, n_levels: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Encoder inputs (B, 1 + H*n_levels) -> the same batch under each of PERTURBATIONS.
 
-    Another user's token / history: row b takes row b+1's (cyclically), the rest unchanged.
-    No history: every item slot PAD. Shuffled history: each row's real items in a random order,
-    padding slots where they were.
+    Another user's token / history: each row takes that part from another row (a seeded random
+    permutation without fixed points), the rest unchanged. No history: every item slot PAD.
+    Shuffled history: each row's real items in a random order, padding slots where they were.
     """
     rows = len(src)
+    if rows < 2:
+        raise ValueError(f"perturbing {rows} input row(s): swapping users needs at least 2.")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(rows)
+    other = np.empty(rows, dtype=np.int64)
+    other[order] = np.roll(order, -1)  # a single cycle through all rows: no row keeps its own input
     history = src[:, 1:].reshape(rows, -1, n_levels)
     other_token, other_history, empty = src.copy(), src.copy(), src.copy()
-    other_token[:, 0] = np.roll(src[:, 0], -1)
-    other_history[:, 1:] = np.roll(src[:, 1:], -1, axis=0)
+    other_token[:, 0] = src[other, 0]
+    other_history[:, 1:] = src[other, 1:]
     empty[:, 1:] = PAD_TOKEN
     shuffled = history.copy()
-    rng = np.random.default_rng(seed)
     for row in range(rows):
         real = np.flatnonzero(history[row, :, 0] != PAD_TOKEN)
         shuffled[row, real] = history[row, rng.permutation(real)]
@@ -63,7 +69,7 @@ def _gin_value(name: str):
 def load_trained(out_dir: Path) -> tuple[train_decoder.Tiger, train_decoder.DecoderData, Path]:
     """The best checkpoint of a train_decoder.py output folder, the data it was trained on, its run folder."""
     config_path, best_path = out_dir / "config.gin", out_dir / train_decoder.BEST_FILE
-    for path in (config_path, best_path):
+    for path in (config_path, best_path, out_dir / train_decoder.METRICS_FILE):
         if not path.is_file():
             raise artifacts.ArtifactError(f"{path} is missing: run train_decoder.py with --out {out_dir} first.")
     text = config_path.read_text()
@@ -74,9 +80,16 @@ def load_trained(out_dir: Path) -> tuple[train_decoder.Tiger, train_decoder.Deco
                                       "it was not written by train_decoder.py.")
     gin.clear_config()
     gin.parse_config(text)
-    data = train_decoder.load_data(Path(folders["run_dir"]), Path(folders["semantic_ids_dir"]), None,
-                                   _gin_value("train_decoder.random_ids"), _gin_value("train_decoder.seed"),
-                                   _gin_value("train_decoder.max_history"), _gin_value("train_decoder.n_user_buckets"))
+    data = train_decoder.load_data(
+        Path(folders["run_dir"]), Path(folders["semantic_ids_dir"]), _gin_value("train_decoder.codebook_sizes"),
+        _gin_value("train_decoder.random_ids"), _gin_value("train_decoder.seed"),
+        _gin_value("train_decoder.max_history"), _gin_value("train_decoder.n_user_buckets"), _gin_value("train_decoder.targets_per_window"),
+        _gin_value("train_decoder.max_targets_per_user"))
+    trained_on = artifacts.load_json(out_dir / train_decoder.METRICS_FILE, "train_decoder.py").get("semantic_ids_sha1")
+    if trained_on != data.ids_digest:
+        raise artifacts.ArtifactError(
+            f"{out_dir / train_decoder.METRICS_FILE}: semantic_ids_sha1 {trained_on} is not the digest "
+            f"{data.ids_digest} of the IDs in {folders['semantic_ids_dir']} now (re-written since?): re-run train_decoder.py on them.")
     model = train_decoder.ConfiguredTiger(vocab=data.vocab, max_history=data.max_history)
     model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
     return model.eval(), data, Path(folders["run_dir"])
@@ -88,19 +101,21 @@ def diagnose(model, data: train_decoder.DecoderData, split: str, beam_width: int
     positions = data.valid_pos if split == "valid" else data.test_pos
     trie = SemanticIdTrie(torch.as_tensor(data.semantic_ids), data.vocab.codebook_sizes)
     targets = data.interactions.item_index[positions]
+    inputs = perturbed_inputs(data.encoder_inputs(positions), data.vocab.n_levels)  # users swap across the split
     rows = {name: {"nll": 0.0, "items": []} for name in PERTURBATIONS}
     for start in range(0, len(positions), batch_size):
         batch = positions[start:start + batch_size]
         codes = torch.as_tensor(data.target_codes(batch))
         seen = data.seen_items(batch, torch.device("cpu"))
-        for name, src in perturbed_inputs(data.encoder_inputs(batch), data.vocab.n_levels, seed=start).items():
-            src = torch.as_tensor(src)
+        for name, all_src in inputs.items():
+            src = torch.as_tensor(all_src[start:start + batch_size])
             rows[name]["nll"] -= float(item_log_likelihood(model, src, codes, trie).sum())
             rows[name]["items"].append(beam_search(model, src, trie, beam_width, 10, seen=seen).items.numpy())
     result = {}
     for name, row in rows.items():
         found = ranking.ranking_metrics(np.concatenate(row["items"]), targets)
-        result[name] = {"nll": row["nll"] / len(positions), "recall@10": found["recall@10"], "ndcg@10": found["ndcg@10"]}
+        result[name] = {"nll": row["nll"] / len(positions), "recall@10": found["recall@10"],
+                        "ndcg@10": found["ndcg@10"]}
     return {"split": split, "n_users": len(positions), "beam_width": beam_width,
             "popularity_nll": train_decoder.popularity_nll(data, positions), "inputs": result}
 
@@ -116,6 +131,7 @@ def sasrec_nll(run_dir: Path, split: str) -> float | None:
 
 
 def markdown(report: dict, out_dir: Path) -> str:
+    """The report as a markdown table, one row per encoder input."""
     lines = [f"# Input diagnostics of {out_dir}", "",
              f"{report['n_users']} users' {report['split']} targets; NLL of the target among all items (nats, lower "
              f"is better; most popular: {report['popularity_nll']:.3f}"

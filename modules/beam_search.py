@@ -176,12 +176,14 @@ def exhaustive_item_scores(model: Tiger, src_tokens: torch.Tensor, semantic_ids:
 @torch.no_grad()
 def item_log_likelihood(model: Tiger, src_tokens: torch.Tensor, target_codes: torch.Tensor,
                         trie: SemanticIdTrie) -> torch.Tensor:
-    """log p(target item | input) under the model restricted to real items: (B, S), (B, L+1) -> (B,) float32.
+    """log p(target item | input) with each level locally renormalised over the real IDs: (B, S), (B, L+1) -> (B,).
 
     At each level the model's logits are renormalised over the children that exist below the
-    target's prefix, so exp of this over the whole catalogue sums to 1 for every input: a proper
-    distribution over items, comparable with a popularity or SASRec likelihood. (Beam search ranks by
-    the unrenormalised sum, see the module docstring; this is a diagnostic, not the ranking.)
+    target's prefix (the distribution of trie-constrained sampling), so exp of this over the whole
+    catalogue sums to 1 for every input: a proper distribution over items, comparable with a
+    popularity or SASRec likelihood. A level whose prefix has one child only (most collision codes)
+    adds 0 nats. Beam search ranks by the unrenormalised sum (module docstring): this is a
+    diagnostic, not the ranking. float32 output; under bf16 autocast the hidden states are bf16.
     """
     memory, keep = model.encode(src_tokens)
     hidden = model.decode(memory, keep, target_codes[:, :-1])

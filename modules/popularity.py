@@ -54,7 +54,10 @@ def popularity_log_likelihood(popularity: np.ndarray, items: np.ndarray, smoothi
     if smoothing <= 0:
         raise ValueError(f"smoothing = {smoothing} must be > 0: an item unseen in training would get log 0.")
     counts = np.asarray(popularity, dtype=np.float64) + smoothing
-    return np.log(counts[np.asarray(items)] / counts.sum())
+    items = np.asarray(items)
+    if items.size and (items.min() < 0 or items.max() >= len(counts)):
+        raise ValueError(f"item rows must be in 0..{len(counts) - 1}, got {items.min()}..{items.max()}.")
+    return np.log(counts[items] / counts.sum())
 
 
 class MostPopular:

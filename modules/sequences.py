@@ -127,8 +127,9 @@ def first_training_targets(starts: np.ndarray, valid_pos: np.ndarray, min_histor
 
     A user's training events are [starts[u], valid_pos[u]) (modules.split); a target needs at least
     `min_history` earlier events. With max_targets_per_user, only the user's most recent that many
-    targets train (the same cap as SASRec's `max_windows_per_user`: heavy raters weigh less, recent
-    behaviour more). A user with no target gets valid_pos or later (no window).
+    targets train (heavy raters weigh less, recent behaviour more; SASRec's `max_windows_per_user`
+    caps the same way in windows of max_len targets, so it matches max_windows_per_user * max_len).
+    A user with no target gets valid_pos or later (no window).
     """
     if max_targets_per_user is not None and max_targets_per_user < 1:
         raise ValueError(f"max_targets_per_user = {max_targets_per_user} must be >= 1 (or None for every target).")

@@ -59,6 +59,8 @@ def test_popularity_log_likelihood_known_answer():
     assert np.exp(popularity_log_likelihood(counts, np.arange(3), smoothing=0.5)).sum() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="smoothing"):
         popularity_log_likelihood(counts, np.arange(3), smoothing=0)
+    with pytest.raises(ValueError, match="item rows"):
+        popularity_log_likelihood(counts, np.array([0, -1]))
 
 
 def test_popularity_counts_training_events_only():
@@ -186,6 +188,11 @@ def test_sasrec_target_nll_of_a_blind_model_is_log_catalogue_size(tmp_path):
                tmp_path / "best.pt")
     nll = baselines.sasrec_target_nll(tmp_path / "best.pt", interactions, split, "valid", batch_size=7)
     assert nll == pytest.approx(math.log(n_items), rel=1e-6)
+    smaller = SASRec(n_items=n_items - 5, **TINY_MODEL)
+    torch.save({"model": smaller.state_dict(), "hyperparameters": {"n_items": n_items - 5, "model": TINY_MODEL}},
+               tmp_path / "other.pt")
+    with pytest.raises(ArtifactError, match="another run folder"):
+        baselines.sasrec_target_nll(tmp_path / "other.pt", interactions, split, "valid")
 
 
 def _empty_gin(tmp_path: Path) -> Path:

@@ -18,10 +18,12 @@ def test_perturbations_change_only_what_they_name():
     src[0, 1:3] = PAD_TOKEN  # user 0 has 2 items
     out = perturbed_inputs(src, n_levels, seed=1)
     assert list(out) == list(PERTURBATIONS) and np.array_equal(out["as trained"], src)
-    assert np.array_equal(out["another user's token"][:, 0], np.roll(src[:, 0], -1))
-    assert np.array_equal(out["another user's token"][:, 1:], src[:, 1:])
-    assert np.array_equal(out["another user's history"][:, 0], src[:, 0])
-    assert np.array_equal(out["another user's history"][:, 1:], np.roll(src[:, 1:], -1, axis=0))
+    tokens, histories = out["another user's token"], out["another user's history"]
+    assert np.array_equal(tokens[:, 1:], src[:, 1:]) and np.array_equal(histories[:, 0], src[:, 0])
+    # Every row gets another row's token and that same row's history: a permutation with no fixed point.
+    donors = [int(np.flatnonzero(src[:, 0] == token)[0]) for token in tokens[:, 0]]
+    assert sorted(donors) == list(range(rows)) and all(d != row for row, d in enumerate(donors))
+    assert np.array_equal(histories[:, 1:], src[donors, 1:])
     assert (out["no history"][:, 1:] == PAD_TOKEN).all() and np.array_equal(out["no history"][:, 0], src[:, 0])
     shuffled = out["shuffled history"]
     assert np.array_equal(shuffled[:, 0], src[:, 0]) and not np.array_equal(shuffled, src)
@@ -43,6 +45,22 @@ def test_as_trained_row_matches_the_runs_validation(tmp_path):
     assert found["sasrec_nll"] is None  # the tiny run has no baselines
     assert json.loads((out / "diagnostics_valid.json").read_text()) == json.loads(json.dumps(found))
     assert "| no history |" in (out / "diagnostics_valid.md").read_text()
+
+
+def test_swapping_users_needs_two_rows():
+    with pytest.raises(ValueError, match="at least 2"):
+        perturbed_inputs(np.zeros((1, 5), dtype=np.int64), n_levels=2)
+
+
+def test_ids_rewritten_since_training_are_refused(tmp_path):
+    run, out = make_run(tmp_path / "run"), tmp_path / "out"
+    run_train(run, out)
+    path = run / "rqvae" / "semantic_ids.npy"
+    ids = np.load(path)
+    ids[[0, 1]] = ids[[1, 0]]  # two items swap IDs: same shape, different table
+    np.save(path, ids)
+    with pytest.raises(artifacts.ArtifactError, match="semantic_ids_sha1"):
+        decoder_diagnostics.main([str(out)])
 
 
 def test_missing_checkpoint_is_named(tmp_path):
