@@ -6,6 +6,7 @@ CSV parsing uses pyarrow (multi-threaded C++), everything after it is vectorised
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -267,12 +268,35 @@ def sequence_stats(offsets: np.ndarray, n_items: int, item_index: np.ndarray) ->
 
 
 def _source_fingerprint(data_dir: Path) -> dict:
+    """Size and SHA-1 of each input file: a re-extracted copy of the same data (new mtimes) still matches."""
     files = {}
     for path in (_locate(data_dir, "movies"), _locate(data_dir, "ratings"), data_dir / "links.csv"):
         if path.is_file():
-            st = path.stat()
-            files[path.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+            digest = hashlib.sha1()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+            files[path.name] = {"bytes": path.stat().st_size, "sha1": digest.hexdigest()}
     return files
+
+
+def _same_source(recorded: dict, current: dict) -> bool:
+    """Whether stats.json's recorded input files are the current ones (by size and SHA-1).
+
+    Records of older versions hold size and mtime but no SHA-1: they are matched on size, and the
+    log says so.
+    """
+    if recorded.keys() != current.keys():
+        return False
+    for name, now in current.items():
+        then = recorded[name]
+        if then.get("bytes") != now["bytes"]:
+            return False
+        if "sha1" not in then:
+            log.warning("stats.json records %s without a content hash (older version): matched on size only", name)
+        elif then["sha1"] != now["sha1"]:
+            return False
+    return True
 
 
 def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_interactions: int = 5,
@@ -290,8 +314,8 @@ def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_int
     stats_path = run_dir / STATS_FILE
     if stats_path.is_file() and not overwrite:
         previous = load_json(stats_path, "experiments/02_prepare_interactions.py")
-        if previous.get("config") == asdict(config) and previous.get("source", {}).get("files") == \
-                _source_fingerprint(data_dir):
+        if previous.get("config") == asdict(config) and \
+                _same_source(previous.get("source", {}).get("files", {}), _source_fingerprint(data_dir)):
             log.info("%s exists for the same inputs and settings: skipping (use --overwrite to redo).", stats_path)
             return previous
         raise FileExistsError(f"{run_dir} holds a preparation of other inputs or settings ({stats_path}). "

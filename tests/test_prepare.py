@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +88,19 @@ def test_rerun_skips_and_other_settings_need_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         prepare_interactions(data, tmp_path / "run", min_user_interactions=5)
     assert prepare_interactions(data, tmp_path / "run", min_user_interactions=5, overwrite=True)["users"] == 1
+
+
+def test_rerun_on_a_fresh_copy_of_the_same_files_skips_but_changed_ratings_do_not(tmp_path):
+    data = write_movielens(tmp_path / "ml", MOVIES, RATINGS)
+    first = prepare_interactions(data, tmp_path / "run", min_user_interactions=3)
+    ratings = next(Path(data).glob("ratings.*"))
+    os.utime(ratings, ns=(1, 1))  # same bytes, other mtime: e.g. the zip extracted again
+    assert prepare_interactions(data, tmp_path / "run", min_user_interactions=3) == first
+    text = ratings.read_text()
+    ratings.write_text(text.replace(",4.0,", ",5.0,", 1))  # same size, other content
+    assert ratings.stat().st_size == len(text)
+    with pytest.raises(FileExistsError, match="other inputs"):
+        prepare_interactions(data, tmp_path / "run", min_user_interactions=3)
 
 
 def test_kcore_repeats_until_stable():
