@@ -15,6 +15,7 @@ A model that reads its input loses NLL when the history is replaced; one at popu
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 from pathlib import Path
 
@@ -61,8 +62,15 @@ def perturbed_inputs(src: np.ndarray, n_levels: int, seed: int = 0) -> dict[str,
 
 
 def _gin_value(name: str):
-    """A parsed gin parameter, with macro references (e.g. %HISTORY) evaluated."""
-    value = gin.query_parameter(name)
+    """A train_decoder parameter of the parsed config.gin, macro references (e.g. %HISTORY) evaluated.
+
+    A parameter absent from it did not exist when the run was made: its current default applies (the
+    defaults keep the behaviour of older versions).
+    """
+    try:
+        value = gin.query_parameter(name)
+    except ValueError:
+        return inspect.signature(train_decoder.train).parameters[name.split(".")[-1]].default
     return value.scoped_configurable_fn() if isinstance(value, gin.config.ConfigurableReference) else value
 
 

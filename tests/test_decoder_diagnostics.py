@@ -47,6 +47,15 @@ def test_as_trained_row_matches_the_runs_validation(tmp_path):
     assert "| no history |" in (out / "diagnostics_valid.md").read_text()
 
 
+def test_config_of_an_older_version_takes_current_defaults(tmp_path):
+    run, out = make_run(tmp_path / "run"), tmp_path / "out"
+    report = run_train(run, out)
+    config = out / "config.gin"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if "max_targets_per_user" not in line))  # as written before the option existed
+    assert decoder_diagnostics.main([str(out)])["inputs"]["as trained"]["nll"] == pytest.approx(report["valid"]["nll"])
+
+
 def test_swapping_users_needs_two_rows():
     with pytest.raises(ValueError, match="at least 2"):
         perturbed_inputs(np.zeros((1, 5), dtype=np.int64), n_levels=2)
