@@ -150,14 +150,8 @@ def evaluate_sasrec(model: SASRec, interactions: Interactions, split: LeaveOneOu
     return evaluate_ranker(ranker, interactions, split, name, batch_size)
 
 
-@torch.no_grad()
-def sasrec_target_nll(checkpoint: str | os.PathLike, interactions: Interactions, split: LeaveOneOut, name: str,
-                      batch_size: int = 1024) -> float:
-    """Mean NLL (nats) of each user's `name` target under a trained SASRec's full softmax (on CPU).
-
-    checkpoint: a best.pt of `train_sasrec`. Seen items are not excluded: the same quantity as
-    TIGER's `nll` (train_decoder.evaluate), for comparing likelihoods rather than top-10 hits.
-    """
+def load_sasrec(checkpoint: str | os.PathLike, interactions: Interactions) -> SASRec:
+    """A trained SASRec (a best.pt of `train_sasrec`) on the CPU in eval mode, checked against the run's items."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     n_items = state["hyperparameters"]["n_items"]
     if interactions.item_index.max() >= n_items:
@@ -165,15 +159,27 @@ def sasrec_target_nll(checkpoint: str | os.PathLike, interactions: Interactions,
                             f"{int(interactions.item_index.max())}: it was trained on another run folder.")
     model = SASRec(n_items=n_items, **state["hyperparameters"]["model"])
     model.load_state_dict(state["model"])
-    model.eval()
+    return model.eval()
+
+
+@torch.no_grad()
+def sasrec_scores(model: SASRec, interactions: Interactions, split: LeaveOneOut, name: str, k: int = 10,
+                  batch_size: int = 1024) -> tuple[float, np.ndarray]:
+    """Mean NLL (nats) of each user's `name` target under SASRec's full softmax, and its (U, k) top unseen items.
+
+    The NLL does not exclude seen items: the same quantity as TIGER's `nll` (train_decoder.evaluate),
+    for comparing likelihoods; the top-k list excludes them, as every ranking here does.
+    """
     ends, targets = split_inputs(interactions, split, name)
-    total = 0.0
+    total, ranked = 0.0, []
     for lo in range(0, len(ends), batch_size):
-        tokens = torch.from_numpy(left_padded_windows(interactions.item_index, split.starts[lo:lo + batch_size],
-                                                      ends[lo:lo + batch_size], model.max_len))
-        log_probs = model.score_next(tokens).log_softmax(-1)
-        total -= float(log_probs.gather(1, torch.as_tensor(targets[lo:lo + batch_size])[:, None]).sum())
-    return total / len(ends)
+        starts, batch_ends = split.starts[lo:lo + batch_size], ends[lo:lo + batch_size]
+        tokens = torch.from_numpy(left_padded_windows(interactions.item_index, starts, batch_ends, model.max_len))
+        scores = model.score_next(tokens)
+        total -= float(scores.log_softmax(-1).gather(1, torch.as_tensor(targets[lo:lo + batch_size])[:, None]).sum())
+        histories = [interactions.item_index[s:e] for s, e in zip(starts, batch_ends)]
+        ranked.append(topk_unseen(scores, histories, k).numpy())
+    return total / len(ends), np.concatenate(ranked)
 
 
 def _autocast(device: torch.device):

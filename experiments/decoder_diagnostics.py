@@ -9,8 +9,10 @@ as trained and on four perturbations of it: another user's token, another user's
 the history in shuffled order. Writes OUT/diagnostics_<split>.json and .md: per input, the NLL of the
 target among all real items (`item_log_likelihood`), recall@10 and ndcg@10 of constrained beam search
 (seen items excluded), and for reference the NLL of most-popular and (when RUN/baselines/sasrec/best.pt
-exists) of SASRec on the same targets. Runs on CPU in float32; holds the split's inputs 5 times in memory.
-A model that reads its input loses NLL when the history is replaced; one at popularity level does not.
+exists) of SASRec on the same targets, and recall@10 of TIGER (as trained) and SASRec split by whether the
+target's timestamp ties with the previous event's. Runs on CPU in float32; holds the split's inputs 5
+times in memory. A model that reads its input loses NLL when the history is replaced; one at popularity
+level does not.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 
 import train_decoder
 from experiments import artifacts
-from experiments.baselines import load_run, sasrec_target_nll
+from experiments.baselines import load_run, load_sasrec, sasrec_scores
 from modules import metrics as ranking
 from modules.beam_search import SemanticIdTrie, beam_search, item_log_likelihood
 from modules.sequences import PAD_TOKEN
@@ -124,18 +126,42 @@ def diagnose(model, data: train_decoder.DecoderData, split: str, beam_width: int
         found = ranking.ranking_metrics(np.concatenate(row["items"]), targets)
         result[name] = {"nll": row["nll"] / len(positions), "recall@10": found["recall@10"],
                         "ndcg@10": found["ndcg@10"]}
+    ties = timestamp_ties(data.interactions.timestamps, positions)
     return {"split": split, "n_users": len(positions), "beam_width": beam_width,
-            "popularity_nll": train_decoder.popularity_nll(data, positions), "inputs": result}
+            "popularity_nll": train_decoder.popularity_nll(data, positions), "inputs": result,
+            "ties": {"share": float(ties.mean()),
+                     "tiger": recall_by_tie(np.concatenate(rows["as trained"]["items"]), targets, ties)}}
 
 
-def sasrec_nll(run_dir: Path, split: str) -> float | None:
-    """SASRec's NLL of the same targets, if the run has a trained SASRec (RUN/baselines/sasrec/best.pt)."""
+def timestamp_ties(timestamps: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(U,) bool: the target shares its timestamp with the user's previous event (positions > user start).
+
+    MovieLens orders such ties by movieId (experiments/movielens.py), so the target is then the next
+    larger movieId among the items rated in that second: an ordering any sequence model can learn.
+    """
+    return np.asarray(timestamps)[positions] == np.asarray(timestamps)[positions - 1]
+
+
+def recall_by_tie(ranked: np.ndarray, targets: np.ndarray, ties: np.ndarray) -> dict:
+    """recall@k of (U, k) ranked items on the tied targets and on the others (None for an empty group)."""
+    hits = (ranked == np.asarray(targets)[:, None]).any(1)
+    return {group: float(hits[mask].mean()) if mask.any() else None
+            for group, mask in (("tie", ties), ("other", ~ties))}
+
+
+def add_sasrec(report: dict, run_dir: Path) -> None:
+    """SASRec's NLL and tie breakdown on the same targets, if the run has one (RUN/baselines/sasrec/best.pt)."""
     checkpoint = run_dir / "baselines" / "sasrec" / "best.pt"
+    report["sasrec_nll"] = None
     if not checkpoint.is_file():
-        log.info("no %s: the report has no SASRec row", checkpoint)
-        return None
+        log.info("no %s: the report has no SASRec figures", checkpoint)
+        return
     interactions, _, loo = load_run(run_dir)
-    return sasrec_target_nll(checkpoint, interactions, loo, split)
+    nll, ranked = sasrec_scores(load_sasrec(checkpoint, interactions), interactions, loo, report["split"])
+    positions = loo.valid_pos if report["split"] == "valid" else loo.test_pos
+    report["sasrec_nll"] = nll
+    report["ties"]["sasrec"] = recall_by_tie(ranked, interactions.item_index[positions],
+                                             timestamp_ties(interactions.timestamps, positions))
 
 
 def markdown(report: dict, out_dir: Path) -> str:
@@ -148,6 +174,13 @@ def markdown(report: dict, out_dir: Path) -> str:
              "", "| encoder input | NLL | recall@10 | ndcg@10 |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {m['nll']:.3f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} |"
               for name, m in report["inputs"].items()]
+    ties = report["ties"]
+    lines += ["", f"Recall@10 on the {100 * ties['share']:.1f}% of targets that share their timestamp with the "
+              "previous event (ordered by movieId within the tie) and on the others:", "",
+              "| model | tied targets | other targets |", "|---|---:|---:|"]
+    lines += [f"| {model} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in (ties[model]["tie"],
+                                                                                   ties[model]["other"])) + " |"
+              for model in ("tiger", "sasrec") if model in ties]
     return "\n".join(lines + [""])
 
 
@@ -164,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(args.out)
     model, data, run_dir = load_trained(out_dir)
     report = diagnose(model, data, args.split, args.beam_width or _gin_value("train_decoder.beam_width"))
-    report["sasrec_nll"] = sasrec_nll(run_dir, args.split)
+    add_sasrec(report, run_dir)
     gin.clear_config()
     artifacts.save_json(out_dir / f"diagnostics_{args.split}.json", report)
     artifacts.save_text(out_dir / f"diagnostics_{args.split}.md", markdown(report, out_dir))

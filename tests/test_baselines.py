@@ -12,6 +12,7 @@ import torch
 
 from experiments import baselines
 from experiments.artifacts import ArtifactError, load_json, save_npy, save_npz
+from modules.metrics import ranking_metrics
 from modules.popularity import MostPopular, item_popularity, popularity_log_likelihood, training_event_mask
 from modules.sasrec import PAD, SASRec, left_padded_windows, training_windows
 from modules.split import leave_one_out
@@ -175,10 +176,14 @@ def test_sasrec_learns_a_deterministic_pattern_far_above_popularity(tmp_path):
     assert "SASRec.hidden_dim = 32" in (out / "config.gin").read_text()
     assert "device: cpu" in (out / "train.log").read_text()
     interactions, n_items, split = baselines.load_run(run)
-    assert baselines.sasrec_target_nll(out / "best.pt", interactions, split, "test") < math.log(n_items) - 1
+    nll, ranked = baselines.sasrec_scores(baselines.load_sasrec(out / "best.pt", interactions), interactions, split,
+                                          "test", k=10, batch_size=64)
+    assert nll < math.log(n_items) - 1
+    # The same ranking as the harness that wrote metrics.json (which uses batches of eval_batch_size).
+    assert ranking_metrics(ranked, interactions.item_index[split.test_pos]) == pytest.approx(sasrec["test"])
 
 
-def test_sasrec_target_nll_of_a_blind_model_is_log_catalogue_size(tmp_path):
+def test_sasrec_nll_of_a_blind_model_is_log_catalogue_size(tmp_path):
     run = write_run(tmp_path / "run", pattern_histories(20, 40), n_items=40)
     interactions, n_items, split = baselines.load_run(run)
     model = SASRec(n_items=n_items, **TINY_MODEL)
@@ -186,13 +191,14 @@ def test_sasrec_target_nll_of_a_blind_model_is_log_catalogue_size(tmp_path):
         model.item_embedding.weight.zero_()  # every item logit 0: the uniform distribution
     torch.save({"model": model.state_dict(), "hyperparameters": {"n_items": n_items, "model": TINY_MODEL}},
                tmp_path / "best.pt")
-    nll = baselines.sasrec_target_nll(tmp_path / "best.pt", interactions, split, "valid", batch_size=7)
+    nll, _ = baselines.sasrec_scores(baselines.load_sasrec(tmp_path / "best.pt", interactions), interactions, split,
+                                     "valid", batch_size=7)
     assert nll == pytest.approx(math.log(n_items), rel=1e-6)
     smaller = SASRec(n_items=n_items - 5, **TINY_MODEL)
     torch.save({"model": smaller.state_dict(), "hyperparameters": {"n_items": n_items - 5, "model": TINY_MODEL}},
                tmp_path / "other.pt")
     with pytest.raises(ArtifactError, match="another run folder"):
-        baselines.sasrec_target_nll(tmp_path / "other.pt", interactions, split, "valid")
+        baselines.load_sasrec(tmp_path / "other.pt", interactions)
 
 
 def _empty_gin(tmp_path: Path) -> Path:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import artifacts, decoder_diagnostics
-from experiments.decoder_diagnostics import PERTURBATIONS, perturbed_inputs
+from experiments.decoder_diagnostics import PERTURBATIONS, perturbed_inputs, recall_by_tie, timestamp_ties
 from modules.sequences import PAD_TOKEN
 from tests.test_train_decoder import make_run, run_train
 
@@ -42,7 +42,10 @@ def test_as_trained_row_matches_the_runs_validation(tmp_path):
     assert as_trained["recall@10"] == pytest.approx(report["valid"]["recall@10"])
     assert found["popularity_nll"] == pytest.approx(report["popularity_nll"]["valid"])
     assert set(found["inputs"]) == set(PERTURBATIONS)
-    assert found["sasrec_nll"] is None  # the tiny run has no baselines
+    assert found["sasrec_nll"] is None and "sasrec" not in found["ties"]  # the tiny run has no baselines
+    share, by_tie = found["ties"]["share"], found["ties"]["tiger"]
+    recombined = share * (by_tie["tie"] or 0.0) + (1 - share) * (by_tie["other"] or 0.0)
+    assert recombined == pytest.approx(as_trained["recall@10"])  # the two groups partition the users
     assert json.loads((out / "diagnostics_valid.json").read_text()) == json.loads(json.dumps(found))
     assert "| no history |" in (out / "diagnostics_valid.md").read_text()
 
@@ -54,6 +57,15 @@ def test_config_of_an_older_version_takes_current_defaults(tmp_path):
     config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
                               if "max_targets_per_user" not in line))  # as written before the option existed
     assert decoder_diagnostics.main([str(out)])["inputs"]["as trained"]["nll"] == pytest.approx(report["valid"]["nll"])
+
+
+def test_recall_by_tie_known_answer():
+    timestamps = np.array([5, 5, 7, 9, 9, 9])
+    ties = timestamp_ties(timestamps, np.array([1, 2, 4, 5]))
+    assert ties.tolist() == [True, False, True, True]
+    ranked = np.array([[3, 4], [8, 9], [1, 2], [0, 6]])
+    assert recall_by_tie(ranked, np.array([4, 9, 7, 7]), ties) == {"tie": pytest.approx(1 / 3), "other": 1.0}
+    assert recall_by_tie(ranked, np.array([4, 9, 7, 7]), np.zeros(4, bool))["tie"] is None
 
 
 def test_swapping_users_needs_two_rows():
