@@ -23,6 +23,8 @@ BACKBONE ?= efficientnet_lite0
 # 160 px for the CPU preset ml_small: 2.4x faster than 224 px, genre-probe AUC 0.743 vs 0.753 (docs/results/poster_genre_auc.md)
 IMAGE_SIZE ?= $(if $(filter ml_small,$(PRESET)),160,224)
 BLOCKS ?=
+# Order inside timestamp ties: hash (unlearnable, default) or movieid (as in published MovieLens numbers)
+TIE_BREAK ?= hash
 SEEDS ?= 0,1,2
 SETS ?= genres_year,text,poster,all
 JOBS ?= $(if $(filter ml25m,$(PRESET)),1,2)
@@ -42,7 +44,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 prepare: venv
-	$(PY) experiments/02_prepare_interactions.py --data $(DATA) --run $(RUN)
+	$(PY) experiments/02_prepare_interactions.py --data $(DATA) --run $(RUN) --tie-break $(TIE_BREAK)
 
 # A poster folder is needed unless BLOCKS is given without 'poster'.
 comma := ,

@@ -9,7 +9,7 @@ takes `--run` for its `--run-path`.)
 
 Reads RUN/item_ids.npy, RUN/interactions.npz and SEMANTIC_IDS/{semantic_ids.npy, movie_ids.npy,
 semantic_ids.json}. Writes into OUT: metrics.json, results.md, curves.png, config.gin, train.log,
-checkpoint.pt (latest, for resuming) and best.pt (best validation recall@10). A finished run (metrics.json
+checkpoint.pt (latest, for resuming) and best.pt (best validation `select_metric`, ndcg@10 as for SASRec). A finished run (metrics.json
 present) is skipped unless --overwrite; a killed run resumes from checkpoint.pt and ends with the same
 weights and metrics as an uninterrupted one (the data order is a function of the seed and the step).
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -35,13 +34,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from experiments import artifacts
+from experiments.baselines import METRIC_NAMES, semantic_ids_digest
 from modules import metrics as ranking
 from modules.beam_search import NO_ITEM, SemanticIdTrie, beam_search, item_log_likelihood
 from modules.popularity import item_popularity, popularity_log_likelihood
 from modules.sequences import (Vocabulary, check_semantic_ids, encode_histories, first_training_targets, hash_users,
-                               history_windows, random_semantic_ids, semantic_id_tokens, training_windows,
+                               history_windows, matched_random_ids, semantic_id_tokens, training_windows,
                                user_of_positions, window_targets)
-from modules.split import leave_one_out
+from modules.split import leave_one_out, tied_with_previous
 from modules.tiger import Tiger
 
 log = logging.getLogger("train_decoder")
@@ -85,7 +85,7 @@ class DecoderData:
     @property
     def ids_digest(self) -> str:
         """SHA-1 of the semantic IDs: a checkpoint only resumes on the IDs it was trained on."""
-        return hashlib.sha1(np.ascontiguousarray(self.semantic_ids, dtype=np.int64).tobytes()).hexdigest()
+        return semantic_ids_digest(self.semantic_ids)
 
     def encoder_inputs(self, target_pos: np.ndarray) -> np.ndarray:
         """(B,) target positions -> (B, 1 + H*(L+1)) encoder tokens of the H items before each target."""
@@ -129,15 +129,16 @@ def load_semantic_ids(run_dir: Path, semantic_ids_dir: Path, codebook_sizes: lis
                       random_ids: bool, seed: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """The (N, L+1) semantic IDs and codebook sizes of the run, checked against item_ids.npy.
 
-    With random_ids, the codes are replaced by random unique codes of the same codebook sizes; the
-    sizes then come from semantic_ids.json, or from the gin value `train_decoder.codebook_sizes` when the
-    RQ-VAE step has not run yet.
+    With random_ids, the codes are replaced by the random-ID control (`matched_random_ids`): random codes
+    of the same code-level sizes, which come from semantic_ids.json, or from the gin value
+    `train_decoder.codebook_sizes` when the RQ-VAE step has not run yet, and a collision column by the
+    RQ-VAE IDs' rule, whose size is then that of the random IDs.
     """
     item_ids = artifacts.load_item_ids(run_dir)
     info_path = semantic_ids_dir / "semantic_ids.json"
     if random_ids and not info_path.is_file() and codebook_sizes is not None:
         log.info("random IDs with codebook sizes %s from the gin config (%s is absent)", codebook_sizes, info_path)
-        return random_semantic_ids(len(item_ids), tuple(codebook_sizes), seed), tuple(codebook_sizes)
+        return random_ids_of(len(item_ids), codebook_sizes, seed)
     info = artifacts.load_json(info_path, RQVAE_SCRIPT)
     if "codebook_sizes" not in info:
         raise artifacts.ArtifactError(f"{info_path} has no field 'codebook_sizes': re-run {RQVAE_SCRIPT}.")
@@ -161,8 +162,14 @@ def load_semantic_ids(run_dir: Path, semantic_ids_dir: Path, codebook_sizes: lis
         raise artifacts.ArtifactError(f"{ids_path} (codebook_sizes from {info_path}): {error} "
                                       f"Re-run {RQVAE_SCRIPT}.") from error
     if random_ids:
-        return random_semantic_ids(len(item_ids), file_sizes, seed), file_sizes
+        return random_ids_of(len(item_ids), file_sizes, seed)
     return semantic_ids.astype(np.int64), file_sizes
+
+
+def random_ids_of(n_items: int, codebook_sizes, seed: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The random-ID control for codebook sizes (K_1, ..., K_L, C) of real IDs, and its own sizes."""
+    ids = matched_random_ids(n_items, tuple(int(k) for k in codebook_sizes[:-1]), seed)
+    return ids, tuple(int(k) for k in codebook_sizes[:-1]) + (int(ids[:, -1].max()) + 1,)
 
 
 def load_data(run_dir: Path, semantic_ids_dir: Path, codebook_sizes, random_ids: bool, seed: int,
@@ -318,12 +325,15 @@ def evaluate(model: Tiger, data: DecoderData, trie: SemanticIdTrie, target_pos: 
     (on CUDA computed under bf16 autocast, so it differs slightly from a float32 evaluation).
 
     target_pos: (U,) CSR position of each evaluated user's target; users are sharded across ranks
-    and the sums reduced, so every rank returns the same means.
+    and the sums reduced, so every rank returns the same means. "untied" holds the same means over
+    the users whose target does not tie in timestamp with the previous event (and their "n_users").
     """
     model.eval()
     mine = target_pos[runtime.rank::runtime.world]
-    names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10)] + ["nll"]
-    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=runtime.device)
+    names = list(METRIC_NAMES) + ["nll"]
+    untied = ~tied_with_previous(data.interactions.offsets, data.interactions.timestamps, mine)
+    # Sums over all of this rank's users and over its untied ones: counts, then each metric.
+    sums = torch.zeros(2, len(names) + 1, dtype=torch.float64, device=runtime.device)
     for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not runtime.is_main, leave=False):
         positions = mine[start:start + batch_size]
         src = torch.as_tensor(data.encoder_inputs(positions), device=runtime.device)
@@ -331,12 +341,17 @@ def evaluate(model: Tiger, data: DecoderData, trie: SemanticIdTrie, target_pos: 
             result = beam_search(model, src, trie, beam_width, top_k, seen=data.seen_items(positions, runtime.device))
             codes = torch.as_tensor(data.target_codes(positions), device=runtime.device)
             log_likelihood = item_log_likelihood(model, src, codes, trie)
-        batch_metrics = ranking.ranking_metrics(result.items.cpu().numpy(), data.interactions.item_index[positions])
-        batch_metrics["nll"] = -float(log_likelihood.sum()) / len(positions)
-        sums += torch.tensor([len(positions)] + [batch_metrics[n] * len(positions) for n in names],
-                             dtype=torch.float64, device=runtime.device)
-    sums = runtime.all_reduce_sum(sums)
-    return {name: float(sums[i + 1] / sums[0]) for i, name in enumerate(names)}
+        per_user = ranking.per_user_metrics(result.items.cpu().numpy(), data.interactions.item_index[positions])
+        per_user["nll"] = -log_likelihood.double().cpu().numpy()
+        values = np.stack([np.ones(len(positions))] + [per_user[n] for n in names], axis=1)
+        subset = untied[start:start + batch_size]
+        sums += torch.as_tensor(np.stack([values.sum(0), values[subset].sum(0)]), device=runtime.device)
+    sums = runtime.all_reduce_sum(sums).cpu().numpy()
+    overall = {name: float(sums[0, i + 1] / sums[0, 0]) for i, name in enumerate(names)}
+    n_untied = int(sums[1, 0])
+    overall["untied"] = {name: float(sums[1, i + 1] / n_untied) if n_untied else float("nan")
+                         for i, name in enumerate(names)} | {"n_users": n_untied}
+    return overall
 
 
 @torch.no_grad()
@@ -385,7 +400,7 @@ def log_to_file(path: Path) -> None:
 
 
 def write_curves(path: Path, history: dict) -> None:
-    """PNG: training loss, validation recall@10 and validation NLL per item (against popularity's) over steps."""
+    """PNG: training loss, validation recall@10 / ndcg@10 and validation NLL per item (against popularity's) over steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -395,9 +410,10 @@ def write_curves(path: Path, history: dict) -> None:
         loss_ax.plot(steps, losses)
     loss_ax.set(xlabel="step", ylabel="train loss (mean CE per code)", title="training loss")
     if history["valid"]:
-        steps, values = zip(*[(s, m["recall@10"]) for s, m in history["valid"]])
-        recall_ax.plot(steps, values, marker="o")
-    recall_ax.set(xlabel="step", ylabel="validation recall@10", title="validation recall@10")
+        for name in ("recall@10", "ndcg@10"):
+            recall_ax.plot(*zip(*[(s, m[name]) for s, m in history["valid"]]), marker="o", label=name)
+        recall_ax.legend()
+    recall_ax.set(xlabel="step", ylabel="validation metric", title="validation recall@10 and ndcg@10")
     with_nll = [(s, m["nll"]) for s, m in history["valid"] if "nll" in m]
     if with_nll:
         nll_ax.plot(*zip(*with_nll), marker="o", label="TIGER")
@@ -413,7 +429,7 @@ def results_markdown(report: dict) -> str:
     names = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
     lines = [f"# {report['model']} on {report['dataset']}", "",
              f"Leave-one-out, full-catalogue ranking, seen items excluded; beam {report['beam_width']}, "
-             f"best validation step {report['best_step']}, {report['n_test_users']} test users.", "",
+             f"best validation {report['select_metric']} at step {report['best_step']}, {report['n_test_users']} test users.", "",
              "Training layout: " + ("the paper's (bidirectional encoder, one target per example)."
                                     if report["targets_per_window"] == 1 and not report["causal_encoder"] else
                                     f"causal encoder, up to {report['targets_per_window']} targets per encoder window."),
@@ -421,6 +437,9 @@ def results_markdown(report: dict) -> str:
              "| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for split in ("valid", "test"):
         lines.append(f"| {split} | " + " | ".join(f"{report[split][n]:.4f}" for n in names) + " |")
+    untied = report["test"]["untied"]
+    lines.append(f"| test, untied targets ({untied['n_users']} users) | "
+                 + " | ".join(f"{untied[n]:.4f}" for n in names) + " |")
     lines += ["", f"NLL of the target item among all items (nats; most popular in brackets): valid "
                   f"{report['valid']['nll']:.3f} ({report['popularity_nll']['valid']:.3f}), test "
                   f"{report['test']['nll']:.3f} ({report['popularity_nll']['test']:.3f})."]
@@ -440,7 +459,7 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
           final_lr_fraction: float = 0.1, grad_clip: float = 1.0, max_history: int = 20,
           targets_per_window: int = 1, max_targets_per_user: int | None = None, n_user_buckets: int = 2000,
           codebook_sizes: list[int] | None = None, random_ids: bool = False,
-          seed: int = 0, beam_width: int = 20, top_k: int = 10, log_every: int = 50, eval_every: int = 1000,
+          seed: int = 0, select_metric: str = "ndcg@10", beam_width: int = 20, top_k: int = 10, log_every: int = 50, eval_every: int = 1000,
           checkpoint_every: int = 1000, eval_batch_size: int = 256, valid_max_users: int | None = None,
           overwrite: bool = False, stop_at_step: int | None = None) -> dict | None:
     """Train TIGER on RUN's histories, keep the best validation checkpoint, evaluate it once on test.
@@ -450,6 +469,7 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     in windows; each window trains `targets_per_window` consecutive targets from one encoder pass
     (1 = the paper's one example per target; more needs Tiger.causal_encoder = True).
     max_targets_per_user: train only each user's most recent that many targets (None: all of them).
+    select_metric: the validation metric that picks the checkpoint tested (SASRec's monitor is the same).
     stop_at_step stops after that many steps with a checkpoint (to test resuming); returns None then.
     Returns the metrics.json dict.
     """
@@ -493,7 +513,10 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     trie = SemanticIdTrie(torch.as_tensor(data.semantic_ids), data.vocab.codebook_sizes).to(runtime.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, iterations, final_lr_fraction))
-    history = {"train_loss": [], "valid": [], "best_step": None, "best_recall": -1.0, "loss_window": [0.0, 0]}
+    if select_metric not in METRIC_NAMES:
+        raise ValueError(f"train_decoder.select_metric = {select_metric!r}: use one of {list(METRIC_NAMES)} "
+                         "(SASRec's train_sasrec.monitor is the same choice).")
+    history = {"train_loss": [], "valid": [], "best_step": None, "best_value": -1.0, "loss_window": [0.0, 0]}
     start_step, history = resume(out_dir / CHECKPOINT_FILE, model, optimizer, scheduler, config, runtime, history)
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
                  if runtime.world > 1 else model)
@@ -522,10 +545,11 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
             history["loss_window"] = [0.0, 0]
             progress.set_postfix(loss=f"{history['train_loss'][-1][1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if done % eval_every == 0 or done == iterations:
-            validate(model, data, trie, valid_targets, runtime, eval_args, done, history, out_dir)
+            validate(model, data, trie, valid_targets, runtime, eval_args, done, history, out_dir, select_metric)
         if done % checkpoint_every == 0 or done == iterations:
             save_checkpoint(out_dir / CHECKPOINT_FILE, model, optimizer, scheduler, done, history, config, runtime)
     return finish(model, data, trie, runtime, eval_args, history, out_dir, dataset=dataset, random_ids=random_ids,
+                  select_metric=select_metric,
                   iterations=iterations, semantic_ids_dir=semantic_ids_dir, causal_encoder=model.causal_encoder,
                   targets_per_window=targets_per_window, max_targets_per_user=max_targets_per_user)
 
@@ -550,18 +574,25 @@ def train_step(model, optimizer, scheduler, data: DecoderData, example_indices: 
 
 
 def validate(model: Tiger, data, trie, valid_targets, runtime: Runtime, eval_args: dict, step: int, history: dict,
-             out_dir: Path) -> None:
-    """Validation metrics at `step`; keep best.pt when recall@10 improves (ties keep the earlier step)."""
+             out_dir: Path, select_metric: str) -> None:
+    """Validation metrics at `step`; keep best.pt when `select_metric` improves (ties keep the earlier step)."""
     metrics = evaluate(model, data, trie, valid_targets, runtime, desc=f"valid@{step}", **eval_args)
     history["valid"].append([step, metrics])
-    log.info("step %d validation %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    if metrics["recall@10"] > history["best_recall"]:
-        history["best_recall"], history["best_step"] = metrics["recall@10"], step
+    log.info("step %d validation %s", step, format_metrics(metrics))
+    if metrics[select_metric] > history["best_value"]:
+        history["best_value"], history["best_step"] = metrics[select_metric], step
         if runtime.is_main:
             with artifacts.atomic_path(out_dir / BEST_FILE) as tmp:
                 torch.save({"model": model.state_dict(), "step": step}, tmp)
     if runtime.is_main:
         write_curves(out_dir / "curves.png", history)
+
+
+def format_metrics(metrics: dict) -> str:
+    """'recall@5=0.1234 ... nll=7.8901 | untied recall@5=...' for the log."""
+    flat = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    untied = metrics.get("untied")
+    return flat + (f" | untied ({untied['n_users']} users) " + format_metrics(untied) if untied else "")
 
 
 def resume(path: Path, model, optimizer, scheduler, config: str, runtime: Runtime, history: dict) -> tuple[int, dict]:
@@ -598,6 +629,7 @@ def finish(model: Tiger, data: DecoderData, trie, runtime: Runtime, eval_args: d
     report = {"model": "tiger_random_ids" if info["random_ids"] else "tiger", "dataset": info["dataset"],
               "n_test_users": len(data.test_pos), "valid": valid, "test": test,
               "invalid_rate_unconstrained": invalid, "best_step": best["step"], "iterations": info["iterations"],
+              "select_metric": info["select_metric"],
               "popularity_nll": {"valid": popularity_nll(data, data.valid_pos),
                                  "test": popularity_nll(data, data.test_pos)},
               "beam_width": eval_args["beam_width"], "top_k": eval_args["top_k"],
@@ -605,7 +637,7 @@ def finish(model: Tiger, data: DecoderData, trie, runtime: Runtime, eval_args: d
               "semantic_ids_sha1": data.ids_digest,
               "causal_encoder": info["causal_encoder"], "targets_per_window": info["targets_per_window"],
               "max_targets_per_user": info["max_targets_per_user"]}
-    log.info("test %s; unconstrained invalid-ID rate %.4f", " ".join(f"{k}={v:.4f}" for k, v in test.items()), invalid)
+    log.info("test %s; unconstrained invalid-ID rate %.4f", format_metrics(test), invalid)
     if runtime.is_main:
         write_curves(out_dir / "curves.png", history)
         artifacts.save_text(out_dir / "results.md", results_markdown(report))

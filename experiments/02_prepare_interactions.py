@@ -18,12 +18,15 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="run folder to write items.csv, interactions.npz, stats.json")
     parser.add_argument("--min-user-interactions", type=int, default=5, help="k-core minimum per user (>= 3)")
     parser.add_argument("--min-item-interactions", type=int, default=0, help="k-core minimum per item (0: keep all)")
+    parser.add_argument("--tie-break", choices=["hash", "movieid"], default="hash",
+                        help="order of events with the same timestamp: a keyed hash of (userId, movieId), which no model "
+                             "can learn (default), or movieId ascending, as in published MovieLens numbers")
     parser.add_argument("--overwrite", action="store_true", help="redo even if the run folder is already prepared")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         stats = prepare_interactions(args.data, args.run, args.min_user_interactions, args.min_item_interactions,
-                                     overwrite=args.overwrite)
+                                     overwrite=args.overwrite, tie_break=args.tie_break)
     except (MovieLensFormatError, FileExistsError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(json.dumps({k: stats[k] for k in ("users", "items", "interactions", "density", "history_length")},

@@ -12,6 +12,7 @@ The report (`write_run_report`) writes RUN/metrics.json and RUN/results.md.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -28,10 +29,10 @@ from tqdm import tqdm
 
 from experiments.artifacts import (ArtifactError, Interactions, atomic_path, load_interactions, load_item_ids,
                                    load_json, save_json, save_text)
-from modules.metrics import DEFAULT_KS, ranking_metrics, topk_unseen
+from modules.metrics import DEFAULT_KS, topk_unseen, with_untied
 from modules.popularity import MostPopular, item_popularity
 from modules.sasrec import SASRec, left_padded_windows, training_windows
-from modules.split import LeaveOneOut, leave_one_out
+from modules.split import LeaveOneOut, leave_one_out, tied_with_previous
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ RankBatch = Callable[[np.ndarray, np.ndarray, list], torch.Tensor]
 
 def evaluate_ranker(rank_batch: RankBatch, interactions: Interactions, split: LeaveOneOut, name: str,
                     batch_size: int) -> dict[str, float]:
-    """Metrics of a model on one split, users in batches.
+    """Metrics of a model on one split, users in batches, with "untied" (`modules.metrics.with_untied`):
+    the same over the users whose target does not tie in timestamp with their previous event.
 
     rank_batch(starts (B,), ends (B,), histories: list of B item-row arrays) -> (B, max(ks)) ranked item rows.
     """
@@ -100,7 +102,8 @@ def evaluate_ranker(rank_batch: RankBatch, interactions: Interactions, split: Le
         if tuple(batch_ranked.shape) != (len(histories), k):
             raise RuntimeError(f"ranker returned shape {tuple(batch_ranked.shape)}, expected {(len(histories), k)}.")
         ranked.append(batch_ranked.cpu().numpy())
-    return ranking_metrics(np.concatenate(ranked), targets, DEFAULT_KS)
+    untied = ~tied_with_previous(interactions.offsets, interactions.timestamps, ends)
+    return with_untied(np.concatenate(ranked), targets, untied, DEFAULT_KS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -412,7 +415,7 @@ def _same_users(expected: int | None, found: int, path: Path) -> int:
 
 
 def _format_metrics(metrics: dict) -> str:
-    return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    return " ".join(f"{name} {metrics[name]:.4f}" for name in METRIC_NAMES if name in metrics)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -423,16 +426,24 @@ def _format_metrics(metrics: dict) -> str:
 DEFAULT_DECODER_DIRS = ("decoder", "decoder_random_ids")
 
 
-def _checked_metrics(metrics, path: Path, field: str) -> dict[str, float]:
-    """The four metrics of one result dict, or an ArtifactError naming the file and the field."""
+def _checked_metrics(metrics, path: Path, field: str) -> dict:
+    """The four metrics of one result dict and their "untied" subset, or an ArtifactError naming the file
+    and the field."""
     if not isinstance(metrics, dict):
         raise ArtifactError(f"{path}: field {field!r} is missing or not a dict of metrics; re-run the step that "
                             "wrote it.")
     missing = [name for name in METRIC_NAMES if name not in metrics]
+    untied = metrics.get("untied")
+    if not isinstance(untied, dict) or "n_users" not in untied:
+        missing.append("untied")
+    else:
+        missing += [f"untied.{name}" for name in METRIC_NAMES if name not in untied]
     if missing:
-        raise ArtifactError(f"{path}: field {field!r} lacks {missing}; it must hold {list(METRIC_NAMES)} "
-                            "(modules.metrics.ranking_metrics); re-run the step that wrote it.")
-    return {name: float(metrics[name]) for name in METRIC_NAMES}
+        raise ArtifactError(f"{path}: field {field!r} lacks {missing}; it must hold {list(METRIC_NAMES)} and "
+                            "'untied' (modules.metrics.with_untied): it was written by an older version; re-run "
+                            "the step that wrote it with --overwrite.")
+    return {name: float(metrics[name]) for name in METRIC_NAMES} | {
+        "untied": {name: float(untied[name]) for name in METRIC_NAMES} | {"n_users": int(untied["n_users"])}}
 
 
 def collect_results(run_dir: str | os.PathLike, decoder_dirs: Sequence[str] | None = None) -> tuple[list, list]:
@@ -460,6 +471,7 @@ def collect_results(run_dir: str | os.PathLike, decoder_dirs: Sequence[str] | No
         results.append((result["model"], int(result["n_test_users"]),
                         _checked_metrics(result.get("valid"), path, "valid"),
                         _checked_metrics(result.get("test"), path, "test"), path))
+        _check_semantic_ids(result, path, run_dir)
     baselines_path = run_dir / "baselines" / "metrics.json"
     if baselines_path.is_file():
         baselines = load_json(baselines_path, BASELINES_SCRIPT)
@@ -474,6 +486,28 @@ def collect_results(run_dir: str | os.PathLike, decoder_dirs: Sequence[str] | No
         raise ArtifactError(f"nothing to report in {run_dir}: none of {missing} exists; run {BASELINES_SCRIPT} "
                             "and/or train_decoder.py first.")
     return results, missing
+
+
+def semantic_ids_digest(semantic_ids: np.ndarray) -> str:
+    """SHA-1 of (N, L+1) semantic IDs as int64 (the `semantic_ids_sha1` a decoder records)."""
+    return hashlib.sha1(np.ascontiguousarray(semantic_ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _check_semantic_ids(result: dict, path: Path, run_dir: Path) -> None:
+    """Refuse a decoder result trained on other semantic IDs than the ones its folder holds now."""
+    if result.get("semantic_ids") == "random":
+        return
+    folder = Path(str(result.get("semantic_ids", run_dir / "rqvae")))
+    if not folder.is_dir():
+        folder = run_dir / "rqvae"
+    ids_path = folder / "semantic_ids.npy"
+    if not ids_path.is_file():
+        raise ArtifactError(f"{path} was trained on {ids_path}, which is missing: re-run train_rqvae.py and then "
+                            "the decoder (train_decoder.py --overwrite).")
+    if result.get("semantic_ids_sha1") != semantic_ids_digest(np.load(ids_path)):
+        raise ArtifactError(f"{path} was trained on other semantic IDs than the current {ids_path} (its "
+                            "semantic_ids_sha1 differs: the RQ-VAE step was re-run since). Retrain the decoder "
+                            "(train_decoder.py ... --overwrite), or restore the IDs it was trained on.")
 
 
 def merge_results(results: list) -> dict:
@@ -502,16 +536,21 @@ def results_markdown(merged: dict, missing: Sequence[str] = ()) -> str:
     """RUN/results.md: model x metrics tables (test, then validation), the protocol and the user count."""
     header = "| model | " + " | ".join(METRIC_NAMES) + " |\n|---|" + "---:|" * len(METRIC_NAMES) + "\n"
 
-    def table(by_model: dict) -> str:
-        return header + "".join(f"| {model} | " + " | ".join(f"{m[name]:.4f}" for name in METRIC_NAMES) + " |\n"
-                                for model, m in by_model.items())
+    def table(by_model: dict, untied: bool = False) -> str:
+        rows = "".join(f"| {model} | " + " | ".join(f"{(m['untied'] if untied else m)[name]:.4f}"
+                                                  for name in METRIC_NAMES) + " |\n" for model, m in by_model.items())
+        return header + rows
 
+    untied_users = next((m["untied"]["n_users"] for m in merged["models"].values()), 0)
     lines = [
         "# Results", "",
         f"Protocol: {merged['protocol']}. Test users: {merged['n_test_users']} "
         "(one held-out item each, so recall@k is the hit rate).",
+        f"Ties in timestamp are ordered by: {merged.get('tie_break', 'unknown')}.",
         "Test metrics use each model's checkpoint with the best validation score.", "",
         "## Test", "", table(merged["models"]),
+        f"## Test, untied targets ({untied_users} users whose target does not share its timestamp with the "
+        "previous event)", "", table(merged["models"], untied=True),
         "## Validation (second-to-last item)", "", table(merged["valid_models"]),
         "## Sources", "",
         *[f"- {model}: `{path}`" for model, path in merged["sources"].items()],
@@ -532,6 +571,9 @@ def write_run_report(run_dir: str | os.PathLike, decoder_dirs: Sequence[str] | N
     results, missing = collect_results(run_dir, decoder_dirs)
     outputs = [run_dir / "metrics.json", run_dir / "results.md"]
     merged = merge_results(results)
+    stats_path = run_dir / "stats.json"
+    merged["tie_break"] = load_json(stats_path, "experiments/02_prepare_interactions.py").get("tie_break") \
+        if stats_path.is_file() else None
     markdown = results_markdown(merged, missing)
     if (not overwrite and all(p.is_file() for p in outputs) and load_json(outputs[0], REPORT_SCRIPT) == merged
             and outputs[1].read_text() == markdown):

@@ -6,7 +6,7 @@ Blocks (select by name, in gin `ML25MItemData.blocks = [...]` or `--blocks`):
 |----------|------------------------------------------|------------------------------------------|------|
 | genres   | items.csv (from movies.csv)               | multi-hot over every genre listed         | no   |
 | year     | items.csv `year`                          | release year                              | yes  |
-| tags     | data folder tags.csv                      | TF-IDF over the most frequent user tags   | yes  |
+| tags     | data folder tags.csv (training time only) | TF-IDF over the most frequent user tags   | yes  |
 | genome   | data folder genome-scores.csv (ML-25M)    | 1,128 tag-genome relevances               | yes  |
 | poster   | run poster_features/ (step 4)             | CNN poster embedding, optional PCA        | yes  |
 | text     | items.csv titles (optional package)       | all-MiniLM-L6-v2 title embedding          | no   |
@@ -34,9 +34,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from experiments.artifacts import (ArtifactError, check_aligned, load_item_ids, load_items, load_json, save_json,
-                                   save_npy)
+from experiments.artifacts import (ArtifactError, check_aligned, load_interactions, load_item_ids, load_items,
+                                   load_json, save_json, save_npy)
 from modules.features import block_scale, centre_and_scale, pca, standardise
+from modules.split import leave_one_out
 
 log = logging.getLogger(__name__)
 
@@ -163,17 +164,70 @@ def normalise_tags(tags: pd.Series) -> pd.Series:
     return tags.astype(str).str.lower().str.strip().str.replace(r"\s+", " ", regex=True)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """Each prepared user's held-out events, which no item feature may see (leave-one-out, modules.split).
+
+    user_ids (U,) int64 sorted; valid_time (U,) the timestamp of the user's validation event;
+    valid_movie, test_movie (U,) movieIds of the validation and test targets.
+    """
+
+    user_ids: np.ndarray
+    valid_time: np.ndarray
+    valid_movie: np.ndarray
+    test_movie: np.ndarray
+
+    @classmethod
+    def of_run(cls, run: Path, movie_ids: np.ndarray) -> "HeldOut":
+        inter = load_interactions(run)
+        split = leave_one_out(inter.offsets)
+        order = np.argsort(inter.user_ids, kind="stable")
+        return cls(inter.user_ids[order], inter.timestamps[split.valid_pos][order],
+                   movie_ids[inter.item_index[split.valid_pos]][order], movie_ids[inter.item_index[split.test_pos]][order])
+
+    def training_only(self, user: np.ndarray, movie: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+        """(E,) bool: user activity (a tag, say) that could be known at training time.
+
+        Kept: activity of users outside the split, and a prepared user's activity strictly before their
+        validation event on movies other than their two held-out targets.
+        """
+        row = np.clip(np.searchsorted(self.user_ids, user), 0, max(len(self.user_ids) - 1, 0))
+        known = (self.user_ids[row] == user) if len(self.user_ids) else np.zeros(len(user), dtype=bool)
+        before = timestamp < self.valid_time[row]
+        other_movie = (movie != self.valid_movie[row]) & (movie != self.test_movie[row])
+        return ~known | (before & other_movie)
+
+
 def tags_block(data_dir: Path, movie_ids: np.ndarray, vocabulary_size: int = 512,
-               min_movies_per_tag: int = 2) -> RawBlock:
+               min_movies_per_tag: int = 2, held_out: HeldOut | None = None) -> RawBlock:
     """TF-IDF over the `vocabulary_size` user tags applied to the most movies (tags.csv).
 
     tf = log(1 + number of users who applied the tag to the movie); idf = log(M / df) with M the number
     of tagged movies; rows L2-normalised. Movies with none of the vocabulary's tags are masked.
+    held_out: the run's validation/test events; a tag that a user applied at or after their validation
+    event, or to one of their held-out movies, is dropped (`HeldOut.training_only`), so that no held-out
+    event shapes an item's features. None keeps every tag (only for data without a split).
     """
     path = _require_source(data_dir / "tags.csv", "tags", "Every MovieLens release has tags.csv; check --data.")
+    columns_needed = ["movieId", "tag"] + (["userId", "timestamp"] if held_out is not None else [])
+    types = {"movieId": pa.int64(), "tag": pa.string(), "userId": pa.int64(), "timestamp": pa.int64()}
+    with open(path, encoding="utf-8") as handle:
+        header = [c.strip().strip('"') for c in handle.readline().strip("\r\n").split(",")]
+    missing = [c for c in columns_needed if c not in header]
+    if missing:
+        raise ArtifactError(f"{path}: column(s) {missing} missing (header {header}); MovieLens tags.csv has "
+                            "userId,movieId,tag,timestamp. Re-extract it from the release zip.")
     table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-        column_types={"movieId": pa.int64(), "tag": pa.string()}, include_columns=["movieId", "tag"]))
+        column_types={c: types[c] for c in columns_needed}, include_columns=columns_needed))
     frame = table.to_pandas()
+    source = str(path)
+    if held_out is not None:
+        keep = held_out.training_only(frame["userId"].to_numpy(), frame["movieId"].to_numpy(),
+                                      frame["timestamp"].to_numpy())
+        log.info("tags.csv: %d of %d tag applications kept; %d dropped (applied at or after the user's validation "
+                 "event, or to a held-out movie)", int(keep.sum()), len(keep), int((~keep).sum()))
+        source = f"{path} (training-time tags only: {int(keep.sum())} of {len(keep)} kept)"
+        frame = frame[keep]
     frame["tag"] = normalise_tags(frame["tag"].fillna(""))
     frame = frame[frame["tag"] != ""]
     pairs = frame.groupby(["movieId", "tag"], sort=False).size().rename("count").reset_index()
@@ -191,7 +245,7 @@ def tags_block(data_dir: Path, movie_ids: np.ndarray, vocabulary_size: int = 512
     values = values / np.where(norms > 0, norms, 1.0)
     mask = np.zeros(len(movie_ids), dtype=bool)
     mask[rows] = True
-    return RawBlock("tags", values, mask, str(path), [str(t) for t in vocabulary])
+    return RawBlock("tags", values, mask, source, [str(t) for t in vocabulary])
 
 
 def load_poster_features(poster_dir: Path, movie_ids: np.ndarray) -> RawBlock:
@@ -343,7 +397,8 @@ class ML25MItemData:
         if name == "year":
             return year_block(self.items)
         if name == "tags":
-            return tags_block(self.root, self.movie_ids, self.tag_vocabulary, self.min_movies_per_tag)
+            return tags_block(self.root, self.movie_ids, self.tag_vocabulary, self.min_movies_per_tag,
+                              HeldOut.of_run(self.run, self.movie_ids))
         if name == "genome":
             return genome_block(self.root, self.movie_ids)
         if name == "poster":

@@ -19,7 +19,9 @@ import pyarrow.csv as pacsv
 
 from experiments.artifacts import (INTERACTIONS_FILE, ITEM_IDS_FILE, ITEMS_FILE, STATS_FILE, atomic_path,
                                    load_json, save_json, save_npy, save_npz)
+from modules.hashing import pair_hash
 from modules.kcore import kcore_mask
+from modules.split import tied_with_previous
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class PrepareConfig:
 
     min_user_interactions: int = 5
     min_item_interactions: int = 0
+    tie_break: str = "hash"   # order inside a timestamp tie: TIE_BREAKS
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,14 +207,45 @@ def movie_rows(item_ids: np.ndarray, movie: np.ndarray, ratings_path: Path) -> n
     return rows
 
 
-def time_order(user: np.ndarray, timestamp: np.ndarray, item_row: np.ndarray, n_items: int) -> np.ndarray:
-    """Permutation sorting events by (userId, timestamp, item row); item rows follow movieId order.
+TIE_BREAKS = ("hash", "movieid")
+TIE_BREAK_KEY = 0x7469655F62726B  # fixed: the "hash" order is the same on every machine and every rerun
 
-    When the three fields fit in 64 bits (ML-25M: 18 + 30 + 16 bits) they are packed into one uint64 key:
-    a single radix-friendly argsort is ~15x faster than np.lexsort over three keys on 25M events.
+
+def tie_rank(user: np.ndarray, movie: np.ndarray, item_row: np.ndarray, n_items: int, tie_break: str) -> np.ndarray:
+    """(E,) uint64 key ordering events inside a (userId, timestamp) tie.
+
+    "movieid": the item row itself (movieId ascending), the order of published MovieLens numbers, which a
+    sequence model can learn (the next movie of a tie always has a larger id). "hash": a keyed hash of
+    (userId, movieId), deterministic but unrelated to either id's order; its rare collisions fall back to
+    the item row, so the order stays a pure function of the data.
+    """
+    if tie_break == "movieid":
+        return item_row.astype(np.uint64)
+    if tie_break != "hash":
+        raise ValueError(f"tie_break = {tie_break!r}: use one of {list(TIE_BREAKS)}.")
+    item_bits = max(int(np.ceil(np.log2(max(n_items, 2)))), 1)
+    top = pair_hash(user, movie, TIE_BREAK_KEY) >> np.uint64(item_bits)
+    return (top << np.uint64(item_bits)) | item_row.astype(np.uint64)
+
+
+def time_order(user: np.ndarray, timestamp: np.ndarray, item_row: np.ndarray, n_items: int,
+               tie_key: np.ndarray | None = None) -> np.ndarray:
+    """Permutation sorting events by (userId, timestamp, tie_key); tie_key defaults to the item row.
+
+    For the item row (movieId order), when the three fields fit in 64 bits (ML-25M: 18 + 30 + 16 bits)
+    they are packed into one uint64 key: a single radix-friendly argsort is ~15x faster than np.lexsort
+    over three keys on 25M events. Another tie_key (uint64, `tie_rank`) is sorted first and (userId,
+    timestamp) packed into a second, stable sort: the same order at twice the cost of one sort.
     """
     bits = [int(np.ceil(np.log2(int(v) + 1))) or 1 for v in
             (user.max() - user.min(), timestamp.max() - timestamp.min(), n_items - 1)]
+    if tie_key is not None:
+        if bits[0] + bits[1] > 64:
+            return np.lexsort((tie_key, timestamp, user))
+        by_tie = np.argsort(tie_key, kind="stable")
+        key = (user[by_tie] - user.min()).astype(np.uint64) << np.uint64(bits[1])
+        key |= (timestamp[by_tie] - timestamp.min()).astype(np.uint64)
+        return by_tie[np.argsort(key, kind="stable")]
     if sum(bits) > 64:
         return np.lexsort((item_row, timestamp, user))
     key = (user - user.min()).astype(np.uint64) << np.uint64(bits[1] + bits[2])
@@ -224,10 +258,12 @@ def build_histories(ratings: Ratings, item_ids: np.ndarray, config: PrepareConfi
     """Sort events into per-user time order, map movieIds to item rows, k-core filter.
 
     Returns (user_ids, offsets, item_index, timestamps, rating, n_dropped_users, n_dropped_events).
-    Ties in timestamp are broken by movieId ascending, so the order is a pure function of the data.
+    Ties in timestamp are broken by `config.tie_break` (`tie_rank`), so the order is a pure function of the data.
     """
     item_index = movie_rows(item_ids, ratings.movie, ratings_path)
-    order = time_order(ratings.user, ratings.timestamp, item_index, len(item_ids))
+    tie_key = None if config.tie_break == "movieid" else tie_rank(ratings.user, ratings.movie, item_index,
+                                                                  len(item_ids), config.tie_break)
+    order = time_order(ratings.user, ratings.timestamp, item_index, len(item_ids), tie_key)
     user = ratings.user[order]
     item_index = item_index[order]
     timestamp = ratings.timestamp[order]
@@ -267,6 +303,13 @@ def sequence_stats(offsets: np.ndarray, n_items: int, item_index: np.ndarray) ->
     }
 
 
+def tied_events(user_ids: np.ndarray, offsets: np.ndarray, timestamps: np.ndarray) -> dict:
+    """Share of all events, and of the test targets, that tie in timestamp with the user's previous event."""
+    tied = tied_with_previous(offsets, timestamps, np.arange(int(offsets[-1])))
+    return {"all": float(tied.mean()) if len(tied) else 0.0,
+            "test_targets": float(tied[offsets[1:] - 1].mean()) if len(user_ids) else 0.0}
+
+
 def _source_fingerprint(data_dir: Path) -> dict:
     """Size and SHA-1 of each input file: a re-extracted copy of the same data (new mtimes) still matches."""
     files = {}
@@ -300,8 +343,11 @@ def _same_source(recorded: dict, current: dict) -> bool:
 
 
 def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_interactions: int = 5,
-                         min_item_interactions: int = 0, overwrite: bool = False) -> dict:
+                         min_item_interactions: int = 0, overwrite: bool = False, tie_break: str = "hash") -> dict:
     """Write items.csv, item_ids.npy, interactions.npz and stats.json into `run_dir`; return the stats.
+
+    tie_break: the order of events with the same (userId, timestamp), "hash" (default, unlearnable) or
+    "movieid" (ascending, as in published MovieLens numbers); see `tie_rank`.
 
     Skips (returning the saved stats) when stats.json exists for the same input files and settings.
     stats.json is written last, so its presence marks a complete step.
@@ -310,7 +356,9 @@ def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_int
     if min_user_interactions < 3:
         raise ValueError(f"min_user_interactions={min_user_interactions}: leave-one-out needs at least 3 events per "
                          "user (train, validation, test).")
-    config = PrepareConfig(min_user_interactions, min_item_interactions)
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break = {tie_break!r}: use one of {list(TIE_BREAKS)} (--tie-break).")
+    config = PrepareConfig(min_user_interactions, min_item_interactions, tie_break)
     stats_path = run_dir / STATS_FILE
     if stats_path.is_file() and not overwrite:
         previous = load_json(stats_path, "experiments/02_prepare_interactions.py")
@@ -336,7 +384,8 @@ def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_int
              "dropped_users": dropped_users, "dropped_interactions": dropped_events,
              "movies_without_tmdb_id": int(items["tmdbId"].isna().sum()),
              "movies_without_year": int(items["year"].isna().sum()),
-             "tie_break": "events sorted by (userId, timestamp, movieId)",
+             "tie_break": tie_break,
+             "tied_events": tied_events(user_ids, offsets, timestamps),
              "split": "leave-one-out: last event = test, second last = validation, rest = train",
              "config": asdict(config),
              "source": {"data_dir": str(data_dir.resolve()), "files": _source_fingerprint(data_dir)},

@@ -54,13 +54,11 @@ def target_ranks(ranked: ArrayLike, targets: ArrayLike) -> np.ndarray:
     return np.where(hits.any(axis=1), first_hit, -1).astype(np.int64)
 
 
-def ranking_metrics(ranked: ArrayLike, targets: ArrayLike, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    """Mean recall@k and ndcg@k over users.
+def per_user_metrics(ranked: ArrayLike, targets: ArrayLike, ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
+    """recall@k and ndcg@k of every user: {"recall@5": (U,) float64, ...}, all recalls first, then all NDCGs.
 
     ranked:  (U, K) int item rows, best first, K >= max(ks); -1 means "no item".
     targets: (U,) int, the held-out item row of each user.
-    Returns {"recall@5": ..., "recall@10": ..., "ndcg@5": ..., "ndcg@10": ...} for ks=(5, 10),
-    all recalls first, then all NDCGs, each key carrying its cutoff.
     """
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1:
@@ -70,17 +68,41 @@ def ranking_metrics(ranked: ArrayLike, targets: ArrayLike, ks: Sequence[int] = D
     if n_columns < max(ks):
         raise ValueError(f"ranked has {n_columns} columns but the largest cutoff is {max(ks)}: "
                          f"rank at least max(ks) items per user (pad with -1).")
-    if len(ranks) == 0:
-        raise ValueError("ranking_metrics got zero users; the mean over no users is undefined.")
     found = ranks >= 0
     gain = np.zeros(len(ranks), dtype=np.float64)
     gain[found] = 1.0 / np.log2(ranks[found] + 2.0)
-    metrics = {}
-    for k in ks:
-        metrics[f"recall@{k}"] = float(np.mean(found & (ranks < k)))
-    for k in ks:
-        metrics[f"ndcg@{k}"] = float(np.mean(np.where(found & (ranks < k), gain, 0.0)))
+    metrics = {f"recall@{k}": (found & (ranks < k)).astype(np.float64) for k in ks}
+    metrics.update({f"ndcg@{k}": np.where(found & (ranks < k), gain, 0.0) for k in ks})
     return metrics
+
+
+def ranking_metrics(ranked: ArrayLike, targets: ArrayLike, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Mean recall@k and ndcg@k over users.
+
+    ranked:  (U, K) int item rows, best first, K >= max(ks); -1 means "no item".
+    targets: (U,) int, the held-out item row of each user.
+    Returns {"recall@5": ..., "recall@10": ..., "ndcg@5": ..., "ndcg@10": ...} for ks=(5, 10),
+    all recalls first, then all NDCGs, each key carrying its cutoff.
+    """
+    per_user = per_user_metrics(ranked, targets, ks)
+    if len(next(iter(per_user.values()))) == 0:
+        raise ValueError("ranking_metrics got zero users; the mean over no users is undefined.")
+    return {name: float(values.mean()) for name, values in per_user.items()}
+
+
+def with_untied(ranked: ArrayLike, targets: ArrayLike, untied: ArrayLike, ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """`ranking_metrics` over all users, plus "untied": the same over the users whose `untied` (U,) bool is
+    True (their target's timestamp differs from the previous event's), with their count "n_users"
+    (NaN means when there are none, never a silent 0)."""
+    per_user = per_user_metrics(ranked, targets, ks)
+    untied = _as_numpy(untied).astype(bool)
+    if len(untied) != len(targets):
+        raise ValueError(f"untied has {len(untied)} entries for {len(targets)} users.")
+    if len(untied) == 0:
+        raise ValueError("with_untied got zero users; the mean over no users is undefined.")
+    n = int(untied.sum())
+    subset = {name: float(values[untied].mean()) if n else float("nan") for name, values in per_user.items()}
+    return {name: float(values.mean()) for name, values in per_user.items()} | {"untied": subset | {"n_users": n}}
 
 
 def seen_mask(histories: Histories, n_users: int, n_items: int,

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modules.hashing import splitmix64
+from modules.semantic_ids import add_collision_column
+
 PAD_TOKEN = 0
 BOS_TOKEN = 1
 N_SPECIAL_TOKENS = 2
@@ -91,11 +94,25 @@ def semantic_id_tokens(semantic_ids: np.ndarray, vocab: Vocabulary) -> np.ndarra
     return semantic_ids.astype(np.int64) + N_SPECIAL_TOKENS + vocab.level_offsets[None, :]
 
 
-def random_semantic_ids(n_items: int, codebook_sizes: tuple[int, ...], seed: int) -> np.ndarray:
-    """(n_items, L+1) int64 random IDs, unique per row, column l uniform in 0..K_l-1 (the random-ID baseline).
+def matched_random_ids(n_items: int, code_sizes: tuple[int, ...], seed: int) -> np.ndarray:
+    """(n_items, L+1) int64 IDs of the random-ID control (TIGER section 4.4): L random codes, then the
+    collision column by the same rule as the RQ-VAE IDs (`add_collision_column`).
 
-    Draws n_items distinct points of the mixed-radix code space without replacement, so the
-    baseline has exactly the real IDs' shape and vocabulary but no semantics (TIGER section 4.4).
+    code_sizes: (K_1, ..., K_L), the code levels only. Each code is uniform in 0..K_l-1, drawn
+    independently per item; the collision column is 0 unless another item drew the same tuple, as for
+    real IDs, so the control spends no capacity on a per-item code that the real IDs do not have.
+    """
+    rng = np.random.default_rng(seed)
+    codes = np.stack([rng.integers(0, int(k), n_items) for k in code_sizes], axis=1)
+    return add_collision_column(codes)
+
+
+def random_semantic_ids(n_items: int, codebook_sizes: tuple[int, ...], seed: int) -> np.ndarray:
+    """(n_items, L+1) int64 distinct random IDs, column l uniform in 0..K_l-1, collision column included.
+
+    Draws n_items distinct points of the mixed-radix code space without replacement: test and benchmark
+    fixtures. Not the random-ID control (its collision column is uniform where real ones are mostly 0:
+    `matched_random_ids`).
     """
     space = int(np.prod([int(k) for k in codebook_sizes], dtype=object))
     if space < n_items:
@@ -112,13 +129,7 @@ def random_semantic_ids(n_items: int, codebook_sizes: tuple[int, ...], seed: int
 
 def hash_users(user_ids: np.ndarray, n_buckets: int) -> np.ndarray:
     """(U,) raw user ids -> (U,) int64 bucket in 0..n_buckets-1 (splitmix64 finaliser, platform independent)."""
-    x = np.asarray(user_ids).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x % np.uint64(n_buckets)).astype(np.int64)
+    return (splitmix64(user_ids) % np.uint64(n_buckets)).astype(np.int64)
 
 
 def first_training_targets(starts: np.ndarray, valid_pos: np.ndarray, min_history: int = 1,

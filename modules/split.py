@@ -43,3 +43,16 @@ def leave_one_out(offsets: np.ndarray) -> LeaveOneOut:
         raise ValueError(f"user row {short} has {int(lengths[short])} interactions; leave-one-out needs at least 3 "
                          "(prepare with min_user_interactions >= 3).")
     return LeaveOneOut(starts=offsets[:-1].copy(), valid_pos=offsets[1:] - 2, test_pos=offsets[1:] - 1)
+
+
+def tied_with_previous(offsets: np.ndarray, timestamps: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(P,) bool: whether the event at each CSR position has the same timestamp as the user's previous event.
+
+    Inside such a tie the order is the preparation's tie-break, not behaviour; metrics are also
+    reported on the targets that are not tied ("untied"). A user's first event is never tied.
+    """
+    offsets, positions = np.asarray(offsets, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+    timestamps = np.asarray(timestamps)
+    first = np.isin(positions, offsets[:-1])
+    previous = timestamps[np.maximum(positions - 1, 0)]
+    return ~first & (timestamps[positions] == previous)

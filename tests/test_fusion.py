@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from experiments.artifacts import ArtifactError
-from experiments.ml25m import ML25MItemData, fuse_item_features, genome_block, load_item_features, tags_block
+from experiments.ml25m import HeldOut, ML25MItemData, fuse_item_features, genome_block, load_item_features, tags_block
 from modules.features import centre_and_scale, pca, standardise
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Sci-Fi"]
@@ -44,6 +44,12 @@ def make_fixture(root: Path, n_items: int = 40, poster_dim: int = 12, seed: int 
     words = ["funny", "Funny ", "dark", "space", "  DARK", "classic"]
     tags = [(u, movie_ids[i], words[(i + u) % len(words)], 1000 + u) for i in range(0, n_items, 2) for u in (1, 2)]
     pd.DataFrame(tags, columns=["userId", "movieId", "tag", "timestamp"]).to_csv(data / "tags.csv", index=False)
+    # Users 1 and 2 rated the odd rows 1, 3, 5, 7, 9 at t = 2000..2004 (validation row 7 at 2003, test row 9),
+    # after every tag above: no tag is held out.
+    rows = np.tile(np.arange(1, 10, 2), 2)
+    np.savez(run / "interactions.npz", user_ids=np.array([1, 2]), offsets=np.array([0, 5, 10]),
+             item_index=rows.astype(np.int32), timestamps=np.tile(np.arange(2000, 2005), 2),
+             ratings=np.full(10, 4.0, dtype=np.float32))
     # Poster features: 1 in 5 items without a poster, garbage values in their rows.
     has_poster = np.arange(n_items) % 5 != 3
     features = rng.normal(group[:, None], 1.0, (n_items, poster_dim)).astype(np.float32)
@@ -168,6 +174,29 @@ def test_user_tags_are_normalised_before_counting(tmp_path):
     assert raw.mask.sum() == len(range(0, len(fx["movie_ids"]), 2))
     norms = np.linalg.norm(raw.values[raw.mask], axis=1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+
+
+def test_a_tag_only_a_held_out_event_explains_never_reaches_the_features(tmp_path):
+    """Tags applied at or after a user's validation event, or to one of their held-out movies, are dropped;
+    the same tag from a user outside the split is kept."""
+    fx = make_fixture(tmp_path)
+    ids = fx["movie_ids"]
+    planted = pd.DataFrame([(1, ids[11], "after validation", 2003),   # at the validation event of user 1
+                            (2, ids[9], "on the test movie", 1500),   # before it, but on user 2's test movie
+                            (1, ids[7], "on the valid movie", 1500),  # user 1's validation movie
+                            (99, ids[13], "outsider", 5000)],         # user 99 is not in the split: kept
+                           columns=["userId", "movieId", "tag", "timestamp"])
+    tags = pd.concat([pd.read_csv(fx["data"] / "tags.csv"), planted])
+    tags.to_csv(fx["data"] / "tags.csv", index=False)
+    data = fuse(fx, blocks=["tags"], tag_vocabulary=50, min_movies_per_tag=1)
+    info = block(data, "tags")
+    raw = tags_block(fx["data"], ids, 50, 1, HeldOut.of_run(fx["run"], ids))
+    assert "outsider" in raw.column_names
+    assert not {"after validation", "on the test movie", "on the valid movie"} & set(raw.column_names)
+    assert not raw.mask[[7, 9, 11]].any() and raw.mask[13]
+    assert "41 of 44 kept" in info.source   # 40 fixture tags + 4 planted, 3 of them dropped
+    leaky = tags_block(fx["data"], ids, 50, 1)   # without the split: the planted tags get in
+    assert {"after validation", "on the test movie"} <= set(leaky.column_names)
 
 
 def test_fuse_writes_aligned_outputs_and_skips_when_done(tmp_path):

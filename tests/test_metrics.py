@@ -103,3 +103,15 @@ def test_seen_mask_and_input_errors():
         topk_unseen(torch.zeros(2, 3), (np.array([0]), np.array([1])), k=1)
     with pytest.raises(ValueError, match="NaN"):
         topk_unseen(torch.tensor([[float("nan"), 0.0]]), [np.array([], dtype=np.int64)], k=1)
+
+
+def test_untied_metrics_are_the_metrics_of_the_untied_users_only():
+    from modules.metrics import with_untied
+    ranked = np.array([[3, 1, 2, -1, -1, -1, -1, -1, -1, -1]] * 4)
+    targets = np.array([3, 1, 7, 2])            # ranks 0, 1, absent, 2
+    result = with_untied(ranked, targets, np.array([False, True, True, False]))
+    assert result["recall@10"] == 0.75
+    assert result["untied"] == {"recall@5": 0.5, "recall@10": 0.5, "ndcg@5": 0.5 / np.log2(3),
+                                "ndcg@10": 0.5 / np.log2(3), "n_users": 2}
+    none = with_untied(ranked, targets, np.zeros(4, dtype=bool))["untied"]
+    assert none["n_users"] == 0 and np.isnan(none["recall@10"])

@@ -36,7 +36,9 @@ RATINGS = """userId,movieId,rating,timestamp
 
 def test_known_answer_order_ties_and_kcore(tmp_path):
     data = write_movielens(tmp_path / "ml", MOVIES, RATINGS.replace("10,7,4.5,400", "10,1,4.5,400"))
-    stats = prepare_interactions(data, tmp_path / "run")
+    stats = prepare_interactions(data, tmp_path / "run", tie_break="movieid")
+    assert stats["tie_break"] == "movieid"
+    assert stats["tied_events"] == {"all": 0.2, "test_targets": 0.0}
     assert (stats["users"], stats["items"], stats["interactions"]) == (1, 4, 5)
     assert stats["dropped_users"] == 1 and stats["dropped_interactions"] == 3
     inter = load_interactions(tmp_path / "run")
@@ -202,6 +204,53 @@ def test_time_order_equals_lexsort(timestamp_span):
     timestamp = rng.integers(0, 40, 5000) * (timestamp_span // 40)   # many ties
     item = rng.integers(0, 300, 5000).astype(np.int32)
     np.testing.assert_array_equal(time_order(user, timestamp, item, 300), np.lexsort((item, timestamp, user)))
+
+
+@pytest.mark.parametrize("timestamp_span", [10**6, 2**62])
+def test_time_order_with_a_tie_key_equals_lexsort(timestamp_span):
+    from experiments.movielens import tie_rank, time_order
+    rng = np.random.default_rng(1)
+    user = rng.integers(1, 50, 5000)
+    timestamp = rng.integers(0, 40, 5000) * (timestamp_span // 40)
+    item = rng.integers(0, 300, 5000).astype(np.int32)
+    key = tie_rank(user, item * 7 + 1, item, 300, "hash")
+    np.testing.assert_array_equal(time_order(user, timestamp, item, 300, key), np.lexsort((key, timestamp, user)))
+
+
+def test_hash_tie_break_is_fixed_and_unlearnable(tmp_path):
+    """Inside ties the default order is the same on every rerun, yet the next movieId is larger only about
+    half of the time (with "movieid" it always is: a pattern a sequence model learns)."""
+    rng = np.random.default_rng(0)
+    movies = "movieId,title,genres\n" + "".join(f"{m},Movie {m} (2000),Drama\n" for m in range(1, 201))
+    rows = {(u, m): int(rng.integers(0, 5)) for u in range(1, 41) for m in rng.choice(np.arange(1, 201), 30, replace=False)}
+    ratings = "userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},4.0,{t}\n" for (u, m), t in rows.items())
+    data = write_movielens(tmp_path / "ml", movies, ratings)
+    larger = {}
+    for tie_break in ("hash", "movieid"):
+        stats = prepare_interactions(data, tmp_path / tie_break, tie_break=tie_break)
+        assert stats["tie_break"] == tie_break
+        inter = load_interactions(tmp_path / tie_break)
+        ids = load_item_ids(tmp_path / tie_break)[inter.item_index]
+        same_user = np.repeat(np.arange(inter.n_users), np.diff(inter.offsets))
+        tied = (np.diff(inter.timestamps) == 0) & (np.diff(same_user) == 0)
+        larger[tie_break] = float((np.diff(ids)[tied] > 0).mean())
+    assert larger["movieid"] == 1.0
+    assert 0.4 < larger["hash"] < 0.6
+    again = prepare_interactions(data, tmp_path / "again")
+    np.testing.assert_array_equal(load_interactions(tmp_path / "again").item_index,
+                                  load_interactions(tmp_path / "hash").item_index)
+    with pytest.raises(FileExistsError, match="other inputs or settings"):
+        prepare_interactions(data, tmp_path / "hash", tie_break="movieid")
+    with pytest.raises(ValueError, match="tie_break"):
+        prepare_interactions(data, tmp_path / "bad", tie_break="random")
+
+
+def test_tied_with_previous():
+    from modules.split import tied_with_previous
+    offsets = np.array([0, 3, 6])
+    timestamps = np.array([5, 5, 7, 7, 8, 8])
+    np.testing.assert_array_equal(tied_with_previous(offsets, timestamps, np.arange(6)),
+                                  [False, True, False, False, False, True])  # position 3 starts user 1
 
 
 def test_dat_release_without_links(tmp_path, caplog):

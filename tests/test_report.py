@@ -7,15 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from experiments.artifacts import ArtifactError, save_json
-from experiments.baselines import METRIC_NAMES, write_run_report
+import numpy as np
+
+from experiments.artifacts import ArtifactError, save_json, save_npy
+from experiments.baselines import METRIC_NAMES, semantic_ids_digest, write_run_report
 
 REPO = Path(__file__).resolve().parents[1]
+SEMANTIC_IDS = np.array([[0, 1, 0], [0, 1, 1], [2, 0, 0]], dtype=np.int64)
+IDS = {"semantic_ids": "rqvae", "semantic_ids_sha1": semantic_ids_digest(SEMANTIC_IDS)}  # as train_decoder records them
 
 
 def metrics(base: float) -> dict:
-    """Four distinct, recognisable metric values."""
-    return {name: round(base + i / 100, 4) for i, name in enumerate(METRIC_NAMES)}
+    """Four distinct, recognisable metric values, and their untied subset (3 users, base + 0.05)."""
+    flat = {name: round(base + i / 100, 4) for i, name in enumerate(METRIC_NAMES)}
+    return flat | {"untied": {name: round(value + 0.05, 4) for name, value in flat.items()} | {"n_users": 3}}
 
 
 def write_results(run: Path, n_users: int = 7, random_ids_users: int | None = None) -> Path:
@@ -24,10 +29,12 @@ def write_results(run: Path, n_users: int = 7, random_ids_users: int | None = No
         "popularity": {"valid": metrics(0.1), "test": metrics(0.2)},
         "sasrec": {"valid": metrics(0.3), "test": metrics(0.4), "best_epoch": 3}}})
     save_json(run / "decoder" / "metrics.json",
-              {"model": "tiger", "n_test_users": n_users, "valid": metrics(0.5), "test": metrics(0.6), "step": 9})
+              {"model": "tiger", "n_test_users": n_users, "valid": metrics(0.5), "test": metrics(0.6), "step": 9,
+               "semantic_ids": str(run / "rqvae"), "semantic_ids_sha1": semantic_ids_digest(SEMANTIC_IDS)})
+    save_npy(run / "rqvae" / "semantic_ids.npy", SEMANTIC_IDS)
     save_json(run / "decoder_random_ids" / "metrics.json",
               {"model": "tiger_random_ids", "n_test_users": random_ids_users or n_users,
-               "valid": metrics(0.7), "test": metrics(0.8)})
+               "valid": metrics(0.7), "test": metrics(0.8), "semantic_ids": "random"})
     return run
 
 
@@ -45,6 +52,7 @@ def test_report_merges_test_metrics_per_model(tmp_path):
     assert "leave-one-out" in table and "full ranking" in table and "excluded" in table
     assert "Test users: 7" in table
     assert "| tiger | 0.6000 | 0.6100 | 0.6200 | 0.6300 |" in table
+    assert "untied targets (3 users" in table and "| tiger | 0.6500 | 0.6600 | 0.6700 | 0.6800 |" in table
     assert "| model | recall@5 | recall@10 | ndcg@5 | ndcg@10 |" in table
 
 
@@ -67,7 +75,7 @@ def test_report_decoder_folders(tmp_path):
     assert set(only_tiger["models"]) == {"tiger", "popularity", "sasrec"}
     # A report made with other folders is not up to date, even when it is newer than every input.
     save_json(run / "decoder_no_posters" / "metrics.json",
-              {"model": "tiger_no_posters", "n_test_users": 7, "valid": metrics(0.3), "test": metrics(0.35)})
+              {"model": "tiger_no_posters", "n_test_users": 7, "valid": metrics(0.3), "test": metrics(0.35), **IDS})
     old = (run / "metrics.json").stat().st_mtime - 10
     os.utime(run / "decoder_no_posters" / "metrics.json", (old, old))
     with_ablation = write_run_report(run, ["decoder", "decoder_no_posters"])
@@ -78,11 +86,11 @@ def test_report_decoder_folders(tmp_path):
 def test_report_rejects_malformed_and_duplicate_results(tmp_path):
     run = write_results(tmp_path / "run")
     save_json(run / "decoder" / "metrics.json", {"model": "tiger", "n_test_users": 7, "valid": metrics(0.5),
-                                                 "test": {"recall@10": 0.1}})
+                                                 "test": {"recall@10": 0.1}, **IDS})
     with pytest.raises(ArtifactError, match=r"decoder/metrics.json: field 'test' lacks \['recall@5'"):
         write_run_report(run)
     save_json(run / "decoder" / "metrics.json", {"model": "sasrec", "n_test_users": 7, "valid": metrics(0.5),
-                                                 "test": metrics(0.6)})
+                                                 "test": metrics(0.6), **IDS})
     with pytest.raises(ArtifactError, match="'sasrec' appears in both"):
         write_run_report(run)
     with pytest.raises(ArtifactError, match="nothing to report"):
@@ -96,7 +104,7 @@ def test_report_skips_when_up_to_date_and_redoes_after_new_results(tmp_path):
     write_run_report(run)
     assert (run / "metrics.json").stat().st_mtime_ns == first_mtime
     save_json(run / "decoder" / "metrics.json",
-              {"model": "tiger", "n_test_users": 7, "valid": metrics(0.5), "test": metrics(0.9)})
+              {"model": "tiger", "n_test_users": 7, "valid": metrics(0.5), "test": metrics(0.9), **IDS})
     future = (run / "metrics.json").stat().st_mtime + 10
     os.utime(run / "decoder" / "metrics.json", (future, future))
     assert write_run_report(run)["models"]["tiger"] == metrics(0.9)
@@ -108,3 +116,21 @@ def test_report_script_exits_with_the_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "decoder_random_ids/metrics.json reports n_test_users = 5" in done.stderr
+
+
+def test_report_refuses_a_decoder_trained_on_other_semantic_ids(tmp_path):
+    """The RQ-VAE was re-run after the decoder trained: the report stops instead of showing stale numbers."""
+    run = write_results(tmp_path / "run")
+    write_run_report(run)
+    save_npy(run / "rqvae" / "semantic_ids.npy", SEMANTIC_IDS[[1, 0, 2]])
+    with pytest.raises(ArtifactError, match="other semantic IDs than the current .*semantic_ids.npy"):
+        write_run_report(run)
+
+
+def test_report_refuses_results_without_untied_metrics(tmp_path):
+    run = write_results(tmp_path / "run")
+    baselines = json.loads((run / "baselines" / "metrics.json").read_text())
+    del baselines["models"]["sasrec"]["test"]["untied"]
+    save_json(run / "baselines" / "metrics.json", baselines)
+    with pytest.raises(ArtifactError, match=r"models.sasrec.test' lacks \['untied'\].*older version"):
+        write_run_report(run)

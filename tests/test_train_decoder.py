@@ -9,7 +9,8 @@ import torch
 
 import train_decoder
 from experiments import artifacts
-from modules.sequences import (NO_ITEM, PAD_TOKEN, Vocabulary, encode_histories, first_training_targets, hash_users,
+from modules.semantic_ids import add_collision_column
+from modules.sequences import (NO_ITEM, matched_random_ids, PAD_TOKEN, Vocabulary, encode_histories, first_training_targets, hash_users,
                                history_windows, semantic_id_tokens, training_windows, window_targets)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +101,9 @@ def test_outputs_and_skip_when_finished(tmp_path):
     assert report["model"] == "tiger" and report["n_test_users"] == 30
     assert report["best_step"] in (4, 8)
     for split in ("valid", "test"):
-        assert set(report[split]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10", "nll"}
+        assert set(report[split]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10", "nll", "untied"}
+        # No timestamp ties in this fixture: the untied subset is every user.
+        assert report[split]["untied"] == {k: v for k, v in report[split].items() if k != "untied"} | {"n_users": 30}
         assert 0 <= report[split]["ndcg@10"] <= report[split]["recall@10"] <= 1
         assert report[split]["recall@5"] <= report[split]["recall@10"]
         assert 0 < report[split]["nll"] < float("inf") and 0 < report["popularity_nll"][split] < float("inf")
@@ -123,11 +126,30 @@ def test_random_ids_baseline_replaces_codes(tmp_path):
     run = make_run(tmp_path / "run")
     real = train_decoder.load_semantic_ids(run, run / "rqvae", None, random_ids=False, seed=0)[0]
     fake, sizes = train_decoder.load_semantic_ids(run, run / "rqvae", None, random_ids=True, seed=0)
-    assert list(sizes) == [4, 4, int(real[:, 2].max()) + 1]
+    assert list(sizes) == [4, 4, int(fake[:, 2].max()) + 1]
     assert fake.shape == real.shape and not np.array_equal(fake, real)
     assert len(np.unique(fake, axis=0)) == len(fake) and (fake < np.array(sizes)).all()
     report = run_train(run, tmp_path / "out", "train_decoder.random_ids = True\ntrain_decoder.iterations = 4")
     assert report["model"] == "tiger_random_ids" and report["semantic_ids"] == "random"
+
+
+@pytest.mark.parametrize("n_items,code_sizes", [(3000, (8, 8, 8)), (9742, (256, 256, 256))])
+def test_random_id_control_follows_the_collision_rule_of_real_ids(n_items, code_sizes):
+    """The control's codes are uniform and its collision column is the RQ-VAE IDs' rule applied to them:
+    with 256^3 tuples almost every item gets collision code 0, as real IDs do (not a uniform column)."""
+    ids = matched_random_ids(n_items, code_sizes, seed=5)
+    np.testing.assert_array_equal(ids, add_collision_column(ids[:, :-1]))
+    assert len(np.unique(ids, axis=0)) == n_items
+    expected_counts = n_items / code_sizes[0]
+    counts = np.bincount(ids[:, 0], minlength=code_sizes[0])
+    assert abs(counts.mean() - expected_counts) < 1e-9 and counts.std() < 3 * np.sqrt(expected_counts)
+    # Share of items with a non-zero collision code: 1 - (share of distinct tuples).
+    n_tuples = np.prod(code_sizes)
+    expected_collided = 1 - n_tuples / n_items * (1 - (1 - 1 / n_tuples) ** n_items)
+    assert abs((ids[:, -1] > 0).mean() - expected_collided) < 0.02
+    if n_tuples > 10**6:
+        assert (ids[:, -1] == 0).mean() > 0.99
+    assert not np.array_equal(ids, matched_random_ids(n_items, code_sizes, seed=6))
 
 
 def test_resume_refuses_a_checkpoint_trained_on_other_semantic_ids(tmp_path):
