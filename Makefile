@@ -6,6 +6,7 @@
 #                 [JOBS=2] trains up to JOBS models at once (SASRec beside the poster features, the two TIGERs
 #                 side by side; 1 torch thread each unless THREADS=n); JOBS=1 runs the steps one after another.
 #                 PRESET=ml25m defaults to JOBS=1: SASRec alone needs ~20 GB of GPU memory there.
+#   make seeds    (same variables) [SEEDS=0,1,2] every model of a finished pipeline run over seeds -> RUN/seeds.md
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -31,7 +32,7 @@ JOBS ?= $(if $(filter ml25m,$(PRESET)),1,2)
 THREADS ?= $(if $(filter 1,$(JOBS)),,1)
 THREADS_FLAG = $(if $(THREADS),--threads $(THREADS))
 
-.PHONY: venv test demo prepare features pipeline pipeline-models rqvae tiger tiger-random sasrec ablation \
+.PHONY: venv test demo prepare features pipeline pipeline-models rqvae tiger tiger-random sasrec seeds ablation \
         posters-check clean-demo
 
 venv: $(VENV)/.installed
@@ -86,6 +87,11 @@ tiger-random: rqvae
 
 sasrec: prepare
 	$(PY) experiments/07_train_baselines.py --run $(RUN) --sasrec-config $(SASREC_GIN) $(THREADS_FLAG)
+
+# Every model of a finished pipeline run over SEEDS (seed 0 is the run itself): RUN/seeds.{json,md}
+seeds: rqvae
+	$(PY) experiments/10_seeds.py --run $(RUN) --seeds $(SEEDS) --train --rqvae-config $(RQVAE_GIN) \
+	  --decoder-config $(DECODER_GIN) --sasrec-config $(SASREC_GIN) --jobs $(JOBS) $(THREADS_FLAG)
 
 ablation: features
 	$(PY) experiments/09_ablation.py --run $(RUN) --data $(DATA) --rqvae-config $(RQVAE_GIN) \

@@ -166,6 +166,16 @@ def load_semantic_ids(run_dir: Path, semantic_ids_dir: Path, codebook_sizes: lis
     return semantic_ids.astype(np.int64), file_sizes
 
 
+def run_fingerprint(run_dir: Path, semantic_ids_dir: Path, random_ids: bool) -> dict:
+    """The decoder's inputs (the run's histories and item ids, the semantic IDs) and its gin config: a
+    finished decoder is reused only for the same (`artifacts.reuse_finished`)."""
+    inputs = {"item_ids.npy": run_dir / artifacts.ITEM_IDS_FILE, "interactions.npz": run_dir / artifacts.INTERACTIONS_FILE}
+    names = ("semantic_ids.json",) if random_ids else ("semantic_ids.json", "semantic_ids.npy", "movie_ids.npy")
+    inputs |= {f"rqvae/{name}": semantic_ids_dir / name for name in names
+               if not random_ids or (semantic_ids_dir / name).is_file()}
+    return artifacts.fingerprint({"gin": gin.config_str()}, inputs)
+
+
 def random_ids_of(n_items: int, codebook_sizes, seed: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """The random-ID control for codebook sizes (K_1, ..., K_L, C) of real IDs, and its own sizes."""
     ids = matched_random_ids(n_items, tuple(int(k) for k in codebook_sizes[:-1]), seed)
@@ -477,9 +487,14 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     semantic_ids_dir = Path(semantic_ids_dir) if semantic_ids_dir else run_dir / "rqvae"
     out_dir = Path(out_dir) if out_dir else run_dir / ("decoder_random_ids" if random_ids else "decoder")
     runtime = setup_runtime()
-    if (out_dir / METRICS_FILE).is_file() and not overwrite:
-        log.info("%s exists: skipping (pass --overwrite to retrain)", out_dir / METRICS_FILE)
-        return artifacts.load_json(out_dir / METRICS_FILE, "train_decoder.py")
+    current = run_fingerprint(run_dir, semantic_ids_dir, random_ids)
+    if not overwrite:
+        done = artifacts.reuse_finished(out_dir / METRICS_FILE, current, redo=(
+            f"pass --overwrite to train_decoder.py to retrain into {out_dir}, or give it another --out"))
+        if done is not None:
+            log.info("%s exists for the same inputs and config: skipping (pass --overwrite to retrain)",
+                     out_dir / METRICS_FILE)
+            return done
     if overwrite and runtime.is_main:
         for name in (CHECKPOINT_FILE, BEST_FILE, METRICS_FILE, "train.log", "curves.png", "results.md"):
             (out_dir / name).unlink(missing_ok=True)
@@ -549,7 +564,7 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
         if done % checkpoint_every == 0 or done == iterations:
             save_checkpoint(out_dir / CHECKPOINT_FILE, model, optimizer, scheduler, done, history, config, runtime)
     return finish(model, data, trie, runtime, eval_args, history, out_dir, dataset=dataset, random_ids=random_ids,
-                  select_metric=select_metric,
+                  select_metric=select_metric, fingerprint=current, seed=seed,
                   iterations=iterations, semantic_ids_dir=semantic_ids_dir, causal_encoder=model.causal_encoder,
                   targets_per_window=targets_per_window, max_targets_per_user=max_targets_per_user)
 
@@ -629,14 +644,14 @@ def finish(model: Tiger, data: DecoderData, trie, runtime: Runtime, eval_args: d
     report = {"model": "tiger_random_ids" if info["random_ids"] else "tiger", "dataset": info["dataset"],
               "n_test_users": len(data.test_pos), "valid": valid, "test": test,
               "invalid_rate_unconstrained": invalid, "best_step": best["step"], "iterations": info["iterations"],
-              "select_metric": info["select_metric"],
+              "select_metric": info["select_metric"], "seed": info["seed"],
               "popularity_nll": {"valid": popularity_nll(data, data.valid_pos),
                                  "test": popularity_nll(data, data.test_pos)},
               "beam_width": eval_args["beam_width"], "top_k": eval_args["top_k"],
               "semantic_ids": "random" if info["random_ids"] else str(info["semantic_ids_dir"]),
               "semantic_ids_sha1": data.ids_digest,
               "causal_encoder": info["causal_encoder"], "targets_per_window": info["targets_per_window"],
-              "max_targets_per_user": info["max_targets_per_user"]}
+              "max_targets_per_user": info["max_targets_per_user"], "fingerprint": info["fingerprint"]}
     log.info("test %s; unconstrained invalid-ID rate %.4f", format_metrics(test), invalid)
     if runtime.is_main:
         write_curves(out_dir / "curves.png", history)

@@ -2,11 +2,18 @@
 
     python train_rqvae.py configs/rqvae_ml_small.gin --run runs/ml_small \
         [--features RUN/item_features] [--out RUN/rqvae] [--gin_param 'train_rqvae.iterations = 100'] [--overwrite]
+        [--allow-collapsed]
 
 Reads RUN/item_features/{features.npy, movie_ids.npy, blocks.json} (step 5) and writes to the out folder:
 model.pt, config.gin (operative config), config_full.gin, log.jsonl, log.csv, curves.png,
 semantic_ids.npy (N, L+1) int64, movie_ids.npy, semantic_ids.json, health.json (written last: the
 completion marker). A killed run resumes from out/checkpoint.pt.
+
+health.json records the run's fingerprint (`rqvae_fingerprint`: the train_rqvae and RQVAE settings, the
+features folder, the size and SHA-1 of each input file); a rerun reuses the output only for the same
+fingerprint and otherwise stops and says what changed (--overwrite retrains). A collapsed codebook
+(health.json "collapsed": true) is an error after the outputs are written, and again on every rerun, unless
+`train_rqvae.allow_collapsed = True` (--allow-collapsed).
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import csv
 import io
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -23,9 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from experiments.artifacts import (ArtifactError, atomic_path, load_item_ids, load_items, save_json, save_npy,
-                                   save_figure, save_text)
-from experiments.ml25m import ML25MItemData, genre_matrix, load_item_features  # noqa: F401 (gin registration)
+from experiments.artifacts import (ITEM_IDS_FILE, ITEMS_FILE, ArtifactError, atomic_path, fingerprint, load_item_ids,
+                                   load_items, reuse_finished, save_json, save_npy, save_figure, save_text)
+from experiments.ml25m import (FUSE_SCRIPT, ML25MItemData, genre_matrix,  # noqa: F401 (ML25MItemData: gin registration)
+                               gin_effective_parameters, load_item_features)
 from modules import rqvae as rqvae_module
 from modules.semantic_ids import add_collision_column, codebook_sizes, genre_jaccard, health
 
@@ -36,6 +45,14 @@ TRAIN_SCRIPT = "train_rqvae.py"
 REPO_ROOT = Path(__file__).resolve().parent
 LOG_FIELDS = ["step", "reconstruction_loss", "codebook_loss", "commitment_loss", "total_loss", "dead_codes_reset",
               "items_per_s"]
+FEATURE_FILES = ("features.npy", "movie_ids.npy", "blocks.json")
+# train() arguments left out of the fingerprint: where things are (the inputs' contents are in it), and
+# settings that change neither the model, nor the IDs, nor the logs.
+NOT_FINGERPRINTED = ("run", "out", "features_dir", "overwrite", "checkpoint_every", "cpu_threads", "allow_collapsed")
+
+
+class CodebookCollapseError(ArtifactError):
+    """The trained RQ-VAE collapsed (health.json "collapsed": true) and allow_collapsed is off."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,6 +154,44 @@ def semantic_ids_from_checkpoint(out_dir: str | Path, run: str | Path, features_
 
 
 # ----------------------------------------------------------------------------------------------------
+# Fingerprint and guard rails
+# ----------------------------------------------------------------------------------------------------
+
+def rqvae_fingerprint(run: Path, features_dir: Path, arguments: dict) -> dict:
+    """What a finished RQ-VAE was made from: the train() `arguments` (less NOT_FINGERPRINTED), the RQVAE
+    settings (signature defaults < gin bindings), the features folder, and the digests of the fused features,
+    blocks.json, item_ids.npy and items.csv (the genre Jaccard reads it)."""
+    for name in FEATURE_FILES:
+        if not (features_dir / name).is_file():
+            raise ArtifactError(f"{features_dir / name} is missing: run {FUSE_SCRIPT} first "
+                                f"(or pass --features FOLDER).")
+    config = {f"train_rqvae.{key}": value for key, value in arguments.items() if key not in NOT_FINGERPRINTED}
+    config |= {f"RQVAE.{key}": value for key, value in gin_effective_parameters(rqvae_module.RQVAE, "RQVAE").items()}
+    config["features_dir"] = str(features_dir)
+    inputs = {f"item_features/{name}": features_dir / name for name in FEATURE_FILES}
+    inputs |= {ITEM_IDS_FILE: run / ITEM_IDS_FILE, ITEMS_FILE: run / ITEMS_FILE}
+    return fingerprint(config, inputs)
+
+
+def refuse_collapse(report: dict, health_path: Path, allow_collapsed: bool) -> None:
+    """CodebookCollapseError when `report` (health.json) says the codebooks collapsed, unless allowed.
+
+    Collapsed IDs put many unrelated items on one code, so the decoder would learn from noise."""
+    if not report.get("collapsed"):
+        return
+    reasons = "; ".join(report.get("collapse_reasons", [])) or "see the file"
+    if allow_collapsed:
+        log.warning("the RQ-VAE collapsed (%s), continuing because train_rqvae.allow_collapsed is set.", reasons)
+        return
+    raise CodebookCollapseError(
+        f"the RQ-VAE collapsed: {reasons} ({health_path}). Its semantic IDs carry little information, so no "
+        f"decoder should be trained on them. Train longer (train_rqvae.iterations), use other item features "
+        f"(blocks, weights, PCA in {FUSE_SCRIPT}) or another codebook (RQVAE.codebook_size), then rerun "
+        f"{TRAIN_SCRIPT} with --overwrite; or accept this result with --allow-collapsed "
+        f"(train_rqvae.allow_collapsed = True).")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
 
@@ -167,24 +222,38 @@ def train(run: str | Path, out: str | Path | None = None, features_dir: str | Pa
           overwrite: bool = False, input_dim: int | None = None, iterations: int = 20000, batch_size: int = 256,
           learning_rate: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, kmeans_sample: int = 8192,
           dead_code_reset_until: float = 0.8, log_every: int = 100, eval_every: int = 1000,
-          checkpoint_every: int = 1000, device: str | None = None, cpu_threads: int | None = None) -> dict:
+          checkpoint_every: int = 1000, device: str | None = None, cpu_threads: int | None = None,
+          allow_collapsed: bool = False) -> dict:
     """Train the RQ-VAE of `run` and write every output to `out` (default RUN/rqvae); returns health.json.
 
+    A finished output is reused only when its health.json holds the current `rqvae_fingerprint`; one made from
+    other inputs or settings raises StaleOutputError unless `overwrite` (which retrains).
     input_dim: None/0 = the feature file's width; any other value must equal it.
     dead_code_reset_until: reset dead codes only during this fraction of the iterations, so the last
         codes settle before the IDs are read.
     cpu_threads: torch intra-op threads on CPU (None = torch's default). The MLP's matmuls are small, so
         extra threads mostly spin; on a shared machine 1 is several times faster.
+    allow_collapsed: accept a collapsed codebook (health.json "collapsed": true). Off, a collapse raises
+        CodebookCollapseError once every output is written, and again on each rerun.
     """
+    arguments = dict(locals())  # before any other local exists: exactly train()'s arguments
     run = Path(run)
     out = Path(out) if out else run / "rqvae"
     features_dir = Path(features_dir) if features_dir else run / "item_features"
-    if (out / "health.json").is_file() and not overwrite:
-        log.info("%s exists: skipping (pass --overwrite to retrain).", out / "health.json")
-        return json.loads((out / "health.json").read_text())
+    current = rqvae_fingerprint(run, features_dir, arguments)
     if overwrite:
         for name in ("health.json", "checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
+    else:
+        done = reuse_finished(out / "health.json", current, redo=(
+            f"pass --overwrite to {TRAIN_SCRIPT} to retrain into {out} (make has no such switch: run the script "
+            f"itself), or use another --out or RUN folder; the decoders trained on its semantic IDs "
+            f"(train_decoder.py) must then be retrained too"))
+        if done is not None:
+            log.info("%s was made from the same inputs and config: skipping (pass --overwrite to retrain).",
+                     out / "health.json")
+            refuse_collapse(done, out / "health.json", allow_collapsed)
+            return done
 
     if cpu_threads:
         torch.set_num_threads(int(cpu_threads))
@@ -206,13 +275,19 @@ def train(run: str | Path, out: str | Path | None = None, features_dir: str | Pa
     # otherwise silently keep the old learning rate).
     run_config = {"model": model.config, "batch_size": batch_size, "learning_rate": learning_rate,
                   "weight_decay": weight_decay, "seed": seed, "kmeans_sample": kmeans_sample,
-                  "dead_code_reset_until": dead_code_reset_until, "n_items": len(features)}
+                  "dead_code_reset_until": dead_code_reset_until, "n_items": len(features),
+                  "inputs": current["inputs"]}
     start_step, history, window = 0, [], []
     if (out / "checkpoint.pt").is_file():
         state = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
-        if state.get("run_config") != run_config:
-            raise ArtifactError(f"{out / 'checkpoint.pt'} was written with {state.get('run_config', 'another config')} "
-                                f"but this run is configured with {run_config}; pass --overwrite to start again.")
+        saved = state.get("run_config") or {}
+        if saved != run_config:
+            differing = {key: (saved.get(key, "<unset>"), run_config.get(key, "<unset>"))
+                         for key in sorted(set(saved) | set(run_config)) if saved.get(key) != run_config.get(key)}
+            shown = "; ".join(f"{key}: {old} -> {new}" if key != "inputs" else "the input files changed"
+                              for key, (old, new) in differing.items())
+            raise ArtifactError(f"{out / 'checkpoint.pt'} was written with another config or other inputs "
+                                f"({shown}); pass --overwrite to start again.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"].cpu())  # map_location moved it; a generator state lives on CPU
@@ -243,8 +318,11 @@ def train(run: str | Path, out: str | Path | None = None, features_dir: str | Pa
             save_checkpoint(out / "checkpoint.pt", model, optimizer, step, generator, history, window, run_config)
     elapsed = time.perf_counter() - started
     steps_run = iterations - start_step
-    return write_outputs(out, run, model, features, blocks_meta, genres, history,
-                         train_items_per_s=steps_run * batch_size / elapsed if steps_run else None, device=device)
+    report = write_outputs(out, run, model, features, blocks_meta, genres, history,
+                           train_items_per_s=steps_run * batch_size / elapsed if steps_run else None, device=device,
+                           fingerprint=current)
+    refuse_collapse(report, out / "health.json", allow_collapsed)
+    return report
 
 
 def summarise_window(step: int, window: list[dict], batch_size: int, seconds: float) -> dict:
@@ -263,8 +341,10 @@ def flatten_health(report: dict) -> dict:
 
 
 def write_outputs(out: Path, run: Path, model, features: torch.Tensor, blocks_meta: dict, genres: np.ndarray,
-                  history: list[dict], train_items_per_s: float | None, device: torch.device) -> dict:
-    """Write model.pt, logs, curves, semantic IDs and finally health.json; warn loudly on collapse."""
+                  history: list[dict], train_items_per_s: float | None, device: torch.device,
+                  fingerprint: dict | None = None) -> dict:
+    """Write model.pt, logs, curves, semantic IDs and finally health.json (with `fingerprint`); warn loudly
+    on collapse (train() then refuses it unless allowed)."""
     with atomic_path(out / "model.pt") as tmp:
         torch.save({"model": model.state_dict(), "model_config": model.config}, tmp)
     semantic_ids = compute_semantic_ids(model, features)
@@ -279,6 +359,8 @@ def write_outputs(out: Path, run: Path, model, features: torch.Tensor, blocks_me
                    "collision_column_size": int(semantic_ids[:, -1].max()) + 1,
                    "train_items_per_s": train_items_per_s, "device": str(device),
                    "blocks": [b["name"] for b in blocks_meta["blocks"]]})
+    if fingerprint is not None:
+        report["fingerprint"] = fingerprint
     if report["collapsed"]:
         log.warning("CODEBOOK COLLAPSE: %s. The semantic IDs carry little information; see %s.",
                     "; ".join(report["collapse_reasons"]), out / "health.json")
@@ -331,18 +413,37 @@ def plot_curves(path: Path, history: list[dict], n_levels: int) -> None:
     save_figure(path, fig, dpi=100)
 
 
-def main(argv=None) -> dict:
+def run_cli(argv=None) -> dict:
+    """main() with errors left to the caller: parse the arguments and gin files, train, return health.json."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="+", help="gin file(s), e.g. configs/rqvae_ml25m.gin")
     parser.add_argument("--run", required=True, help="run folder (item_ids.npy, items.csv, item_features/)")
     parser.add_argument("--features", help="fused feature folder (default RUN/item_features)")
     parser.add_argument("--out", help="output folder (default RUN/rqvae)")
     parser.add_argument("--gin_param", action="append", default=[], help="extra gin binding, repeatable")
-    parser.add_argument("--overwrite", action="store_true", help="retrain even if out/health.json exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="retrain even if out/health.json exists (needed when its inputs or config changed)")
+    parser.add_argument("--allow-collapsed", action="store_true",
+                        help="accept a collapsed codebook instead of stopping (sets train_rqvae.allow_collapsed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parse_config(args.config, args.gin_param)
-    return train(args.run, args.out, args.features, overwrite=args.overwrite)
+    return train(args.run, args.out, args.features, overwrite=args.overwrite,
+                 **({"allow_collapsed": True} if args.allow_collapsed else {}))
+
+
+def exit_message(err: Exception) -> str:
+    """`error: <message>` for sys.exit, without the "In call to configurable ..." lines gin appends."""
+    return "error: " + str(err).split("\n  In call to configurable")[0]
+
+
+def main(argv=None) -> dict:
+    """The command line: a stale output, a missing input or a collapse ends with its message on stderr and exit
+    code 1, not a traceback."""
+    try:
+        return run_cli(argv)
+    except ArtifactError as err:
+        sys.exit(exit_message(err))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
     python experiments/05_fuse_item_features.py configs/rqvae_ml_small.gin --run runs/ml_small \
         --data ../shared/data/ml-latest-small --posters-features runs/ml_small/poster_features \
         [--blocks genres,year,tags,poster] [--out runs/ml_small/item_features] [--overwrite]
+        [--allow-random-poster-weights]
 
 The gin file is the RQ-VAE config of the run (its `ML25MItemData.*` bindings); flags override it.
+A finished output is reused only when its blocks.json records the same settings and input files; otherwise
+the script stops (exit code 1) and says what changed: pass --overwrite to rebuild it.
 """
 import sys, pathlib
 sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, so `experiments`/`modules` import
@@ -12,7 +15,8 @@ sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, so 
 import argparse
 import logging
 
-import train_rqvae  # noqa: F401  registers every configurable the RQ-VAE gin files bind
+import train_rqvae  # registers every configurable the RQ-VAE gin files bind
+from experiments.artifacts import ArtifactError
 from experiments.ml25m import fuse_item_features
 
 
@@ -27,7 +31,11 @@ def main(argv=None) -> None:
                                          "(overrides ML25MItemData.blocks)")
     parser.add_argument("--out", help="output folder (default RUN/item_features)")
     parser.add_argument("--gin_param", action="append", default=[], help="extra gin binding, repeatable")
-    parser.add_argument("--overwrite", action="store_true", help="rebuild even if the output exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild even if a finished output exists (needed when its inputs or config changed)")
+    parser.add_argument("--allow-random-poster-weights", action="store_true",
+                        help="fuse poster features extracted with --weights none (random init; speed tests only; "
+                             "sets ML25MItemData.allow_random_poster_weights)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -39,7 +47,12 @@ def main(argv=None) -> None:
         overrides["poster_feature_path"] = args.posters_features
     if args.blocks:
         overrides["blocks"] = [b.strip() for b in args.blocks.split(",") if b.strip()]
-    meta = fuse_item_features(args.run, args.out, overwrite=args.overwrite, **overrides)
+    if args.allow_random_poster_weights:
+        overrides["allow_random_poster_weights"] = True
+    try:
+        meta = fuse_item_features(args.run, args.out, overwrite=args.overwrite, **overrides)
+    except (ArtifactError, ValueError) as err:  # a stale or missing input, or a bad setting: no traceback
+        sys.exit(train_rqvae.exit_message(err))
     for block in meta["blocks"]:
         logging.info("%s: columns %s, %d items without it", block["name"], block["columns"],
                      block["n_items_without_block"])

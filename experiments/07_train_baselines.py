@@ -27,13 +27,16 @@ def main() -> None:
     parser.add_argument("--out", help="output folder (default RUN/baselines)")
     parser.add_argument("--overwrite", action="store_true", help="recompute the requested models from scratch")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--gin_param", action="append", default=[],
+                        help="extra SASRec gin binding after the config, e.g. 'train_sasrec.seed = 1'")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     try:
-        summary = run_baselines(args.run, args.out, models, args.sasrec_config, overwrite=args.overwrite)
+        summary = run_baselines(args.run, args.out, models, args.sasrec_config, overwrite=args.overwrite,
+                                gin_bindings=args.gin_param)
     except (ArtifactError, ValueError, OSError) as err:
         sys.exit(f"error: {err}")
     print(json.dumps(summary, indent=2))

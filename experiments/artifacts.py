@@ -6,6 +6,7 @@ length, dtype and ids, and raise `ArtifactError` naming the file and the script 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -99,6 +100,90 @@ def load_json(path: str | os.PathLike, producer: str) -> dict:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: run {producer} first.")
     return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fingerprints: each step stores its inputs (size + SHA-1 of each file) and its operative config in its
+# completion marker (a JSON file written last, under the key "fingerprint"). A rerun reuses a finished
+# output only when the current fingerprint equals the stored one; otherwise it stops and says what changed.
+# ----------------------------------------------------------------------------------------------------
+
+class StaleOutputError(ArtifactError):
+    """A finished output exists but was made from other inputs or another config (or cannot be checked)."""
+
+
+def file_digest(path: str | os.PathLike) -> dict:
+    """{"bytes", "sha1"} of a file: a copy of the same data with other mtimes still matches.
+
+    An .npz is hashed by its arrays (name, dtype, shape, values), not its bytes: the zip container
+    stores write times, so the same arrays saved twice differ byte for byte.
+    """
+    digest = hashlib.sha1()
+    if Path(path).suffix == ".npz":
+        with np.load(path) as arrays:
+            for name in sorted(arrays.files):
+                array = np.ascontiguousarray(arrays[name])
+                digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+                digest.update(array.tobytes())
+    else:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return {"bytes": Path(path).stat().st_size, "sha1": digest.hexdigest()}
+
+
+def fingerprint(config: dict, inputs: dict[str, str | os.PathLike]) -> dict:
+    """{"config": config, "inputs": {name: file_digest}} as it reads back from JSON (so that a stored and a
+    fresh fingerprint compare equal). `inputs` name each file a step reads; a missing one is an error."""
+    for name, path in inputs.items():
+        if not Path(path).is_file():
+            raise ArtifactError(f"input {name!r} of this step, {path}, is missing: run the step that writes it first.")
+    record = {"config": config, "inputs": {name: file_digest(path) for name, path in sorted(inputs.items())}}
+    return json.loads(json.dumps(record, default=_json_default, sort_keys=True))
+
+
+def fingerprint_changes(recorded: dict, current: dict) -> list[str]:
+    """Human-readable differences between two fingerprints (empty when they match)."""
+    changes = []
+    old_config, new_config = recorded.get("config", {}), current.get("config", {})
+    for key in sorted(set(old_config) | set(new_config)):
+        if old_config.get(key, "<unset>") != new_config.get(key, "<unset>"):
+            changes.append(f"config {key}: {_short(old_config.get(key, '<unset>'))} -> "
+                           f"{_short(new_config.get(key, '<unset>'))}")
+    old_inputs, new_inputs = recorded.get("inputs", {}), current.get("inputs", {})
+    for name in sorted(set(old_inputs) | set(new_inputs)):
+        if name not in old_inputs or name not in new_inputs:
+            changes.append(f"input {name}: {'now read' if name not in old_inputs else 'no longer read'}")
+        elif old_inputs[name] != new_inputs[name]:
+            changes.append(f"input {name} changed (sha1 {old_inputs[name]['sha1'][:10]} -> "
+                           f"{new_inputs[name]['sha1'][:10]})")
+    return changes
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def reuse_finished(marker: str | os.PathLike, current: dict, redo: str) -> dict | None:
+    """The finished step's marker (a JSON dict) when it exists with the `current` fingerprint; None when the
+    step has not finished. Raises StaleOutputError when the marker holds another fingerprint or none.
+
+    redo: what the user can do instead, e.g. "pass --overwrite to redo it, or use another RUN folder".
+    """
+    marker = Path(marker)
+    if not marker.is_file():
+        return None
+    done = json.loads(marker.read_text())
+    recorded = done.get("fingerprint") if isinstance(done, dict) else None
+    if recorded is None:
+        raise StaleOutputError(f"{marker} exists but records no fingerprint of its inputs and config (an older "
+                               f"version wrote it), so it cannot be checked against this run: {redo}.")
+    changes = fingerprint_changes(recorded, current)
+    if changes:
+        raise StaleOutputError(f"{marker} was made from other inputs or another config:\n  - "
+                               + "\n  - ".join(changes) + f"\nIt is not reused: {redo}.")
+    return done
 
 
 # ----------------------------------------------------------------------------------------------------

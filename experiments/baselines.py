@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from experiments.artifacts import (ArtifactError, Interactions, atomic_path, load_interactions, load_item_ids,
-                                   load_json, save_json, save_text)
+from experiments.artifacts import (ArtifactError, Interactions, atomic_path, fingerprint, load_interactions,
+                                   load_item_ids, load_json, reuse_finished, save_json, save_text)
 from modules.metrics import DEFAULT_KS, topk_unseen, with_untied
 from modules.popularity import MostPopular, item_popularity
 from modules.sasrec import SASRec, left_padded_windows, training_windows
@@ -66,6 +66,11 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Interactions, int, LeaveOneOut
     except ValueError as err:
         raise ArtifactError(f"{Path(run_dir) / 'interactions.npz'}: {err}") from err
     return interactions, n_items, split
+
+
+def run_inputs(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """The prepared files every baseline reads (for its fingerprint)."""
+    return {"item_ids.npy": Path(run_dir) / "item_ids.npy", "interactions.npz": Path(run_dir) / "interactions.npz"}
 
 
 def split_inputs(interactions: Interactions, split: LeaveOneOut, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -264,9 +269,17 @@ def train_sasrec(run_dir: str | os.PathLike, out_dir: str | os.PathLike, epochs:
     out_dir = Path(out_dir)
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
-    if (out_dir / "metrics.json").is_file():
-        log.info("SASRec already trained: %s exists (pass --overwrite to retrain)", out_dir / "metrics.json")
-        return load_json(out_dir / "metrics.json", BASELINES_SCRIPT)
+    train_config = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
+                        patience=patience, seed=seed, eval_batch_size=eval_batch_size, monitor=monitor,
+                        max_windows_per_user=max_windows_per_user)
+    model_config = model_config if model_config is not None else sasrec_model_config()
+    current = fingerprint({"train": train_config, "model": model_config}, run_inputs(run_dir))
+    done = reuse_finished(out_dir / "metrics.json", current, redo=(
+        f"pass --overwrite to {BASELINES_SCRIPT} to retrain SASRec, or use another --out folder"))
+    if done is not None:
+        log.info("SASRec already trained on the same inputs and config: %s (pass --overwrite to retrain)",
+                 out_dir / "metrics.json")
+        return done
     if monitor not in METRIC_NAMES:
         raise ValueError(f"train_sasrec.monitor must be one of {METRIC_NAMES}, got {monitor!r}.")
     if epochs < 1 or patience < 1:
@@ -274,14 +287,10 @@ def train_sasrec(run_dir: str | os.PathLike, out_dir: str | os.PathLike, epochs:
                          "the test split is scored with the best validation epoch, so at least one must run.")
     out_dir.mkdir(parents=True, exist_ok=True)
     with _log_to_file(out_dir / "train.log"):
-        return _train_sasrec(Path(run_dir), out_dir, dict(
-            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
-            patience=patience, seed=seed, eval_batch_size=eval_batch_size, monitor=monitor,
-            max_windows_per_user=max_windows_per_user),
-            model_config if model_config is not None else sasrec_model_config())
+        return _train_sasrec(Path(run_dir), out_dir, train_config, model_config, current)
 
 
-def _train_sasrec(run_dir: Path, out_dir: Path, train_config: dict, model_config: dict) -> dict:
+def _train_sasrec(run_dir: Path, out_dir: Path, train_config: dict, model_config: dict, run_fingerprint: dict) -> dict:
     """The body of `train_sasrec`: build, resume, loop over epochs with early stopping, test the best."""
     started = time.time()
     device = pick_device()
@@ -336,7 +345,7 @@ def _train_sasrec(run_dir: Path, out_dir: Path, train_config: dict, model_config
     result = {"n_test_users": interactions.n_users, "valid": best["valid"], "test": test,
               "best_epoch": best["epoch"], "epochs_run": state["epoch"], "device": str(device),
               "train_seconds": round(time.time() - started, 1), "hyperparameters": hyperparameters,
-              "history": state["history"]}
+              "history": state["history"], "fingerprint": run_fingerprint}
     save_json(out_dir / "metrics.json", result)
     return result
 
@@ -361,7 +370,7 @@ def _resume(path: Path, model: SASRec, optimizer: torch.optim.Optimizer, hyperpa
 
 def run_baselines(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                   models: Sequence[str] = MODELS, sasrec_config: str | os.PathLike | None = None,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, gin_bindings: Sequence[str] = ()) -> dict:
     """Evaluate the requested baselines and write out_dir/metrics.json (default out_dir: RUN/baselines).
 
     Each model keeps its own out_dir/<model>/metrics.json (skipped when present unless overwrite); the
@@ -373,18 +382,19 @@ def run_baselines(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(MODELS)}.")
     if "popularity" in models:
         path = out_dir / "popularity" / "metrics.json"
-        if path.is_file() and not overwrite:
-            log.info("popularity already evaluated: %s exists (pass --overwrite to redo)", path)
+        current = fingerprint({}, run_inputs(run_dir))
+        if not overwrite and reuse_finished(path, current, redo=f"pass --overwrite to {BASELINES_SCRIPT}"):
+            log.info("popularity already evaluated on the same inputs: %s (pass --overwrite to redo)", path)
         else:
             started = time.time()
             result = evaluate_popularity(run_dir)
             result["seconds"] = round(time.time() - started, 1)
-            save_json(path, result)
+            save_json(path, result | {"fingerprint": current})
     if "sasrec" in models:
         if sasrec_config is None:
             raise ValueError("SASRec needs a gin config: pass --sasrec-config configs/sasrec_<data>.gin.")
         # Configs include their base as 'configs/<name>.gin': run from the repository root.
-        gin.parse_config_file(str(sasrec_config))
+        gin.parse_config_files_and_bindings([str(sasrec_config)], list(gin_bindings))
         train_sasrec(run_dir, out_dir / "sasrec", overwrite=overwrite)
     return write_baselines_summary(out_dir)
 

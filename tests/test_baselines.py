@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from experiments import baselines
-from experiments.artifacts import ArtifactError, load_json, save_npy, save_npz
+from experiments.artifacts import StaleOutputError, ArtifactError, load_json, save_npy, save_npz
 from modules.metrics import ranking_metrics
 from modules.popularity import MostPopular, item_popularity, popularity_log_likelihood, training_event_mask
 from modules.sasrec import PAD, SASRec, left_padded_windows, training_windows
@@ -265,9 +265,19 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
     b = torch.load(tmp_path / "b" / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(a[name], b[name]) for name in a)
 
-    # A finished run is skipped; another config on an unfinished one is refused.
+    # A finished run is skipped for the same inputs and config, refused for others; another config on an
+    # unfinished one is refused too.
     monkeypatch.setattr(baselines, "train_one_epoch", lambda *a, **k: pytest.fail("retrained a finished run"))
     assert _train(run, tmp_path / "b")["best_epoch"] == 4
+    with pytest.raises(StaleOutputError, match="config train: .*0.01"):
+        _train(run, tmp_path / "b", learning_rate=0.01)
+    inter = dict(np.load(run / "interactions.npz"))
+    inter["item_index"] = inter["item_index"][::-1].copy()   # other data in the same run folder
+    np.savez(run / "interactions.npz", **inter)
+    with pytest.raises(StaleOutputError, match="input interactions.npz changed"):
+        _train(run, tmp_path / "b")
+    np.savez(run / "interactions.npz", **{**inter, "item_index": inter["item_index"][::-1].copy()})
+    assert _train(run, tmp_path / "b")["best_epoch"] == 4     # the same data again: reused
     (tmp_path / "b" / "metrics.json").unlink()
     with pytest.raises(ArtifactError, match="--overwrite"):
         _train(run, tmp_path / "b", learning_rate=0.01)
@@ -305,7 +315,7 @@ def test_run_baselines_rejects_unknown_models_and_missing_config(tmp_path):
         baselines.run_baselines(run, models=["itemknn"])
     with pytest.raises(ValueError, match="--sasrec-config"):
         baselines.run_baselines(run, models=["sasrec"])
-    with pytest.raises(ArtifactError, match="is missing: run experiments/02_prepare_interactions.py"):
+    with pytest.raises(ArtifactError, match="nowhere/item_ids.npy, is missing"):
         baselines.run_baselines(tmp_path / "nowhere", models=["popularity"])
 
 

@@ -1,21 +1,39 @@
-"""Step 5 (experiments/ml25m.py, modules/features.py): alignment by movieId, masks, weights, errors."""
+"""Step 5 (experiments/ml25m.py, modules/features.py): alignment by movieId, masks, weights, errors,
+fingerprints of finished outputs, and the refusal of random poster weights."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
+import gin
 import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.artifacts import ArtifactError
+from experiments.artifacts import ArtifactError, StaleOutputError
 from experiments.ml25m import HeldOut, ML25MItemData, fuse_item_features, genome_block, load_item_features, tags_block
 from modules.features import centre_and_scale, pca, standardise
 
+REPO = Path(__file__).resolve().parents[1]
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Sci-Fi"]
+PRETRAINED = "/root/.cache/efficientnet_lite0/efficientnet_lite0.pth"   # what step 4 records for real weights
+RANDOM = "none (random init, explicitly requested, seed 0)"              # ... and for --weights none
 
 
-def make_fixture(root: Path, n_items: int = 40, poster_dim: int = 12, seed: int = 0) -> dict:
+def poster_meta(movie_ids: np.ndarray, has_poster: np.ndarray, dim: int, weights: str = PRETRAINED) -> dict:
+    """meta.json as experiments/poster_features.py writes it (fields and value formats)."""
+    return {"backbone": "efficientnet_lite0", "weights": weights, "dim": dim, "image_size": 224,
+            "n_items": len(movie_ids), "n_with_poster": int(has_poster.sum()), "n_missing": int((~has_poster).sum()),
+            "n_undecodable": 0, "undecodable_movie_ids": [],
+            "rows_without_poster": "NaN in features.npy; select rows with has_poster.npy",
+            "preprocessing": "v1; normalise mean=[0.498, 0.498, 0.498] std=[0.502, 0.502, 0.502] (0-1 scale)",
+            "pooling": "global average pool of the 1280-channel head conv (fc removed)",
+            "poster_dir": "dataset/fixture/posters", "device": "cpu", "elapsed_s": 0.1}
+
+
+def make_fixture(root: Path, n_items: int = 40, poster_dim: int = 12, seed: int = 0,
+                 poster_weights: str = PRETRAINED) -> dict:
     """A tiny run folder + MovieLens data folder + poster features in the pipeline's formats.
 
     Returns paths and the ground truth (movie ids, which items lack a poster / genome / year).
@@ -57,7 +75,7 @@ def make_fixture(root: Path, n_items: int = 40, poster_dim: int = 12, seed: int 
     np.save(posters / "features.npy", features)
     np.save(posters / "movie_ids.npy", movie_ids)
     np.save(posters / "has_poster.npy", has_poster)
-    (posters / "meta.json").write_text(json.dumps({"backbone": "fixture", "dim": poster_dim}))
+    (posters / "meta.json").write_text(json.dumps(poster_meta(movie_ids, has_poster, poster_dim, poster_weights)))
     return {"run": run, "data": data, "posters": posters, "movie_ids": movie_ids, "has_poster": has_poster,
             "n_genome": len(genome_items), "group": group}
 
@@ -208,9 +226,152 @@ def test_fuse_writes_aligned_outputs_and_skips_when_done(tmp_path):
     assert features.shape == (len(fx["movie_ids"]), meta["n_features"])
     assert [b["name"] for b in meta["blocks"]] == ["genres", "year", "poster"]
     assert meta["blocks"][-1]["columns"][1] == meta["n_features"]
+    assert meta["poster_features"] == {"path": str(fx["posters"]), "backbone": "efficientnet_lite0",
+                                       "weights": PRETRAINED, "dim": 12, "image_size": 224}
+    assert set(meta["fingerprint"]["inputs"]) == {"items.csv", "item_ids.npy", "poster_features/features.npy",
+                                                  "poster_features/movie_ids.npy", "poster_features/has_poster.npy",
+                                                  "poster_features/meta.json"}
     stamp = (fx["run"] / "item_features" / "features.npy").stat().st_mtime_ns
-    fuse_item_features(fx["run"], root=fx["data"], blocks=["genres"])  # finished: skipped
+    again = fuse_item_features(fx["run"], root=fx["data"], poster_feature_path=fx["posters"],
+                               blocks=["genres", "year", "poster"])  # finished with the same settings: skipped
+    assert again == loaded_meta
     assert (fx["run"] / "item_features" / "features.npy").stat().st_mtime_ns == stamp
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fingerprints: a finished output is reused only for the same settings and inputs
+# ----------------------------------------------------------------------------------------------------
+
+FUSED = dict(blocks=["genres", "year", "tags", "poster"])
+
+
+def _other_blocks(fx):
+    return {"blocks": ["genres", "year"]}, "config blocks"
+
+
+def _other_weight(fx):
+    return {"block_weights": {"poster": 2.0}}, "config block_weights"
+
+
+def _new_poster_features(fx):
+    features = np.load(fx["posters"] / "features.npy")
+    np.save(fx["posters"] / "features.npy", features + 1.0)
+    return {}, "input poster_features/features.npy changed"
+
+
+def _new_tags(fx):
+    with open(fx["data"] / "tags.csv", "a") as handle:
+        handle.write(f"3,{fx['movie_ids'][4]},new tag,1500\n")
+    return {}, "input tags.csv changed"
+
+
+@pytest.mark.parametrize("change", [_other_blocks, _other_weight, _new_poster_features, _new_tags],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_a_finished_fusion_is_never_reused_for_other_settings_or_inputs(tmp_path, change):
+    fx = make_fixture(tmp_path)
+    settings = dict(root=fx["data"], poster_feature_path=fx["posters"], **FUSED)
+    first = fuse_item_features(fx["run"], **settings)
+    marker = fx["run"] / "item_features" / "blocks.json"
+    written = marker.read_bytes()
+    overrides, expected = change(fx)
+    settings.update(overrides)
+    with pytest.raises(StaleOutputError, match=expected) as stale:
+        fuse_item_features(fx["run"], **settings)
+    assert "--overwrite" in str(stale.value) and "train_rqvae.py" in str(stale.value)
+    assert marker.read_bytes() == written                       # refused, not rebuilt, not returned
+    rebuilt = fuse_item_features(fx["run"], overwrite=True, **settings)
+    assert rebuilt["fingerprint"] != first["fingerprint"]
+    assert json.loads(marker.read_text()) == json.loads(json.dumps(rebuilt))
+    assert fuse_item_features(fx["run"], **settings) == json.loads(marker.read_text())   # now it matches
+
+
+def test_gin_bindings_are_part_of_the_fingerprint(tmp_path):
+    fx = make_fixture(tmp_path)
+    gin.clear_config()
+    try:
+        gin.parse_config(["ML25MItemData.tag_vocabulary = 3"])
+        meta = fuse_item_features(fx["run"], root=fx["data"], blocks=["genres", "tags"])
+        assert meta["fingerprint"]["config"]["tag_vocabulary"] == 3
+        gin.clear_config()
+        gin.parse_config(["ML25MItemData.tag_vocabulary = 4"])
+        with pytest.raises(StaleOutputError, match="config tag_vocabulary: 3 -> 4"):
+            fuse_item_features(fx["run"], root=fx["data"], blocks=["genres", "tags"])
+    finally:
+        gin.clear_config()
+
+
+def test_a_marker_without_fingerprint_is_not_reused(tmp_path):
+    fx = make_fixture(tmp_path)
+    fuse_item_features(fx["run"], root=fx["data"], blocks=["genres"])
+    marker = fx["run"] / "item_features" / "blocks.json"
+    old = json.loads(marker.read_text())
+    del old["fingerprint"]
+    marker.write_text(json.dumps(old))   # as an older version of the step wrote it
+    with pytest.raises(StaleOutputError, match="records no fingerprint"):
+        fuse_item_features(fx["run"], root=fx["data"], blocks=["genres"])
+
+
+def load_fuse_script():
+    """Import experiments/05_fuse_item_features.py (its name starts with a digit)."""
+    spec = importlib.util.spec_from_file_location("fuse_script", REPO / "experiments" / "05_fuse_item_features.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_script_exits_with_the_reason_instead_of_reusing_a_stale_output(tmp_path):
+    fx = make_fixture(tmp_path, poster_weights=RANDOM)
+    config = tmp_path / "fuse.gin"
+    config.write_text("ML25MItemData.blocks = ['genres', 'year', 'poster']\n")
+    script = load_fuse_script()
+
+    def fuse_script(*flags):
+        gin.clear_config()   # each parse locks the config, as in a fresh process
+        script.main([str(config), "--run", str(fx["run"]), "--data", str(fx["data"]),
+                     "--posters-features", str(fx["posters"]), *flags])
+
+    try:
+        with pytest.raises(SystemExit) as refused:
+            fuse_script()
+        assert str(refused.value.code).startswith("error: ") and "--allow-random-poster-weights" in refused.value.code
+        fuse_script("--allow-random-poster-weights")
+        assert (fx["run"] / "item_features" / "blocks.json").is_file()
+        with pytest.raises(SystemExit) as stale:
+            fuse_script("--allow-random-poster-weights", "--blocks", "genres,year")
+        assert str(stale.value.code).startswith("error: ") and "config blocks" in stale.value.code
+        assert "pass --overwrite to experiments/05_fuse_item_features.py" in stale.value.code
+        fuse_script("--blocks", "genres,year", "--overwrite")
+        blocks = json.loads((fx["run"] / "item_features" / "blocks.json").read_text())
+        assert blocks["fingerprint"]["config"]["blocks"] == ["genres", "year"] and "poster_features" not in blocks
+    finally:
+        gin.clear_config()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Random poster weights
+# ----------------------------------------------------------------------------------------------------
+
+def test_poster_features_of_random_weights_are_refused_unless_allowed(tmp_path, caplog):
+    fx = make_fixture(tmp_path, poster_weights=RANDOM)
+    with pytest.raises(ArtifactError, match=r"meta.json says field 'weights' = 'none \(random init") as refused:
+        fuse(fx)
+    assert "--weights-path" in str(refused.value) and "efficientnet_lite0" in str(refused.value)
+    fuse(fx, blocks=["genres", "year"])   # no poster block: nothing to refuse
+    data = fuse(fx, allow_random_poster_weights=True)
+    assert data.metadata()["poster_features"]["weights"] == RANDOM
+    assert any("RANDOMLY INITIALISED" in r.getMessage() for r in caplog.records)
+
+
+def test_a_finished_fusion_of_random_poster_weights_is_refused_again_unless_allowed(tmp_path):
+    fx = make_fixture(tmp_path, poster_weights=RANDOM)
+    settings = dict(root=fx["data"], poster_feature_path=fx["posters"], blocks=["genres", "poster"])
+    meta = fuse_item_features(fx["run"], allow_random_poster_weights=True, **settings)
+    assert meta["poster_features"]["weights"] == RANDOM
+    with pytest.raises(ArtifactError, match="allow_random_poster_weights"):
+        fuse_item_features(fx["run"], **settings)   # finished, but not silently reused
+    # the allowance changes no feature, so it is no part of the fingerprint: allowed again, it is reused
+    assert fuse_item_features(fx["run"], allow_random_poster_weights=True, **settings) == json.loads(
+        (fx["run"] / "item_features" / "blocks.json").read_text())
 
 
 def test_standardise_uses_only_masked_rows():

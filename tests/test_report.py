@@ -134,3 +134,17 @@ def test_report_refuses_results_without_untied_metrics(tmp_path):
     save_json(run / "baselines" / "metrics.json", baselines)
     with pytest.raises(ArtifactError, match=r"models.sasrec.test' lacks \['untied'\].*older version"):
         write_run_report(run)
+
+
+def test_an_npz_saved_twice_has_one_digest(tmp_path):
+    """The zip container of .npz stores write times; the fingerprint hashes the arrays instead."""
+    from experiments.artifacts import file_digest
+    np.savez(tmp_path / "a.npz", x=np.arange(5), y=np.ones(3))
+    os.utime(tmp_path / "a.npz", (0, 0))
+    first = file_digest(tmp_path / "a.npz")
+    import time
+    time.sleep(2.1)   # zip timestamps have a 2-second resolution
+    np.savez(tmp_path / "a.npz", x=np.arange(5), y=np.ones(3))
+    assert file_digest(tmp_path / "a.npz")["sha1"] == first["sha1"]
+    np.savez(tmp_path / "a.npz", x=np.arange(5), y=np.zeros(3))
+    assert file_digest(tmp_path / "a.npz")["sha1"] != first["sha1"]

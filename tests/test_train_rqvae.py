@@ -1,4 +1,5 @@
-"""train_rqvae.py: gin configs, input-width check, a 2-step CPU run, ID reproducibility after reload."""
+"""train_rqvae.py: gin configs, input-width check, a 2-step CPU run, ID reproducibility after reload,
+fingerprints of finished runs, and the collapse guard."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import train_rqvae
-from experiments.artifacts import ArtifactError
+from experiments.artifacts import ArtifactError, StaleOutputError
 from experiments.ml25m import BLOCK_NAMES, fuse_item_features
 from tests.test_fusion import make_fixture
 
@@ -35,12 +36,17 @@ def fused_run(tmp_path) -> Path:
     return fx["run"]
 
 
-def run_training(run: Path, extra: list[str] = (), iterations: int = 2, overwrite: bool = True) -> dict:
+def training_args(run: Path, extra: list[str] = (), iterations: int = 2, overwrite: bool = True) -> list[str]:
     args = [str(CONFIGS[0].parent / "rqvae_demo.gin"), "--run", str(run), *(["--overwrite"] if overwrite else [])]
     for binding in [*TINY, f"train_rqvae.iterations = {iterations}", *extra]:
         args += ["--gin_param", binding]
+    return args
+
+
+def run_training(run: Path, extra: list[str] = (), iterations: int = 2, overwrite: bool = True) -> dict:
+    """train_rqvae's command line, errors raised as they are (main() turns ArtifactErrors into an exit)."""
     gin.clear_config()
-    return train_rqvae.main(args)
+    return train_rqvae.run_cli(training_args(run, extra, iterations, overwrite))
 
 
 def test_configs_exist():
@@ -146,8 +152,81 @@ def test_resuming_with_another_config_is_an_error(fused_run, monkeypatch):
         run_training(fused_run, ["train_rqvae.learning_rate = 0.01"], iterations=4, overwrite=False)
 
 
-def test_collapse_is_reported_loudly(fused_run, caplog):
+def test_resuming_on_other_features_is_an_error(fused_run, tmp_path, monkeypatch):
+    real_step = train_rqvae.train_step
+
+    def dying_step(model, optimizer, batch, reset_dead, generator):
+        if (fused_run / "rqvae" / "checkpoint.pt").is_file():
+            raise KeyboardInterrupt
+        return real_step(model, optimizer, batch, reset_dead, generator)
+
+    monkeypatch.setattr(train_rqvae, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(fused_run, iterations=4)
+    monkeypatch.setattr(train_rqvae, "train_step", real_step)
+    fuse_again_with_other_weights(fused_run, tmp_path)
+    with pytest.raises(ArtifactError, match="the input files changed.*--overwrite"):
+        run_training(fused_run, iterations=4, overwrite=False)
+
+
+def fuse_again_with_other_weights(run: Path, root: Path) -> None:
+    """Rebuild the run's fused features with another poster weight (same shape, other values)."""
+    fuse_item_features(run, overwrite=True, root=root / "data", poster_feature_path=run / "poster_features",
+                       blocks=["genres", "year", "tags", "poster"], block_weights={"poster": 2.0})
+
+
+@pytest.mark.parametrize("change, expected", [
+    (["RQVAE.commitment_weight = 0.5"], "config RQVAE.commitment_weight: 0.25 -> 0.5"),
+    (["train_rqvae.learning_rate = 0.01"], "config train_rqvae.learning_rate: 0.001 -> 0.01"),
+    ("features", "input item_features/features.npy changed"),
+], ids=["RQVAE binding", "train_rqvae binding", "features file"])
+def test_a_finished_run_is_never_reused_for_other_settings_or_features(fused_run, tmp_path, change, expected):
+    first = run_training(fused_run)
+    out = fused_run / "rqvae"
+    written = (out / "health.json").read_bytes()
+    assert set(first["fingerprint"]["inputs"]) == {"item_features/features.npy", "item_features/movie_ids.npy",
+                                                   "item_features/blocks.json", "item_ids.npy", "items.csv"}
+    extra = [] if change == "features" else change
+    if change == "features":
+        fuse_again_with_other_weights(fused_run, tmp_path)
+    with pytest.raises(StaleOutputError, match=expected) as stale:
+        run_training(fused_run, extra, overwrite=False)
+    assert "--overwrite" in str(stale.value) and "train_decoder.py" in str(stale.value)
+    assert (out / "health.json").read_bytes() == written         # refused, not retrained, not returned
+    retrained = run_training(fused_run, extra)                     # --overwrite retrains
+    assert retrained["fingerprint"] != first["fingerprint"]
+    assert run_training(fused_run, extra, overwrite=False) == json.loads((out / "health.json").read_text())
+
+
+def test_settings_that_change_no_output_are_not_fingerprinted(fused_run):
+    run_training(fused_run)
+    stamp = (fused_run / "rqvae" / "model.pt").stat().st_mtime_ns
+    run_training(fused_run, ["train_rqvae.cpu_threads = 2", "train_rqvae.checkpoint_every = 5"], overwrite=False)
+    assert (fused_run / "rqvae" / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_a_collapsed_codebook_writes_its_outputs_then_stops_the_pipeline(fused_run, caplog):
     # One code per level can only mean collapse: 60 items on a single first-level code.
-    report = run_training(fused_run, ["RQVAE.codebook_size = 1"])
-    assert report["collapsed"]
+    collapsed = ["RQVAE.codebook_size = 1"]
+    with pytest.raises(train_rqvae.CodebookCollapseError, match=r"collapsed: level 0: .*health.json") as stopped:
+        run_training(fused_run, collapsed)
+    assert "--allow-collapsed" in str(stopped.value) and "train_rqvae.iterations" in str(stopped.value)
     assert any(r.levelname == "WARNING" and "COLLAPSE" in r.getMessage() for r in caplog.records)
+    out = fused_run / "rqvae"
+    health = json.loads((out / "health.json").read_text())     # kept for inspection
+    assert health["collapsed"] and (out / "semantic_ids.npy").is_file()
+    stamp = (out / "health.json").stat().st_mtime_ns
+
+    with pytest.raises(train_rqvae.CodebookCollapseError):        # finished, but not silently reused
+        run_training(fused_run, collapsed, overwrite=False)
+    gin.clear_config()
+    with pytest.raises(SystemExit) as exited:                     # the command line: one line, exit code 1
+        train_rqvae.main(training_args(fused_run, collapsed, overwrite=False))
+    assert str(exited.value.code).startswith("error: the RQ-VAE collapsed")
+    assert "In call to configurable" not in exited.value.code
+
+    # Allowed (flag or binding), the same finished run is reused: the allowance is no part of the fingerprint.
+    gin.clear_config()
+    report = train_rqvae.main(training_args(fused_run, collapsed, overwrite=False) + ["--allow-collapsed"])
+    assert report["collapsed"] and (out / "health.json").stat().st_mtime_ns == stamp
+    assert run_training(fused_run, collapsed + ["train_rqvae.allow_collapsed = True"])["collapsed"]

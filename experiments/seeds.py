@@ -1,0 +1,161 @@
+"""Headline numbers over seeds: every model of a run trained with seeds 0..k, summarised as mean ± std.
+
+Seed 0 is the pipeline's own run (`make pipeline`): RUN/rqvae, RUN/decoder, RUN/decoder_random_ids,
+RUN/baselines. Seed s > 0 lives in RUN/seed<s>/ with the same layout, made from the same prepared data
+and fused features: the RQ-VAE (`train_rqvae.seed`), both TIGERs (`train_decoder.seed`; random IDs are
+drawn from it too) and SASRec (`train_sasrec.seed`) all take seed s, so the spread covers the semantic
+IDs as well as the decoder. Most popular has no seed (one value). Each step is the pipeline's own script
+in a subprocess and skips what it already finished, so a killed run resumes.
+
+Outputs: RUN/seeds.json and RUN/seeds.md (test metrics, all targets and untied targets; validation ndcg@10
+and target NLL; TIGER's ndcg@10 as a fraction of SASRec's).
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from experiments.artifacts import ArtifactError, load_json, save_json, save_text
+from experiments.baselines import METRIC_NAMES, _check_semantic_ids
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+# model name -> metrics.json inside a seed folder
+SOURCES = {"tiger": "decoder/metrics.json", "tiger_random_ids": "decoder_random_ids/metrics.json",
+           "sasrec": "baselines/sasrec/metrics.json", "popularity": "baselines/popularity/metrics.json"}
+
+
+def seed_folder(run: Path, seed: int) -> Path:
+    """Where seed `seed` of the run keeps its models: the run itself for 0, RUN/seed<s> otherwise."""
+    return Path(run) if seed == 0 else Path(run) / f"seed{seed}"
+
+
+def _run(cmd: list[str]) -> None:
+    log.info("$ %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def train_seeds(run: Path, seeds: list[int], rqvae_config: str, decoder_config: str, sasrec_config: str,
+                jobs: int = 1, threads: int | None = None) -> None:
+    """Train the RQ-VAE, TIGER, random-ID TIGER and SASRec of every seed s > 0 (seed 0 is `make pipeline`'s).
+
+    The RQ-VAEs run first, one at a time (about a minute each on ml-latest-small); then the models, `jobs`
+    at a time, each with `threads` torch threads. The first failure stops the queue.
+    """
+    py, run = sys.executable, Path(run)
+    thread_flag = ["--threads", str(threads)] if threads else []
+    tasks = []
+    for seed in (s for s in seeds if s != 0):
+        folder = seed_folder(run, seed)
+        _run([py, "train_rqvae.py", rqvae_config, "--run", str(run), "--features", str(run / "item_features"),
+              "--out", str(folder / "rqvae"), "--gin_param", f"train_rqvae.seed = {seed}"])
+        decoder = [py, "train_decoder.py", decoder_config, "--run", str(run), "--semantic-ids", str(folder / "rqvae"),
+                   "--gin_param", f"train_decoder.seed = {seed}"] + thread_flag
+        tasks += [decoder + ["--out", str(folder / "decoder")],
+                  decoder + ["--out", str(folder / "decoder_random_ids"), "--random-ids"],
+                  [py, "experiments/07_train_baselines.py", "--run", str(run), "--models", "sasrec",
+                   "--sasrec-config", sasrec_config, "--out", str(folder / "baselines"),
+                   "--gin_param", f"train_sasrec.seed = {seed}"] + thread_flag]
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(_run, task) for task in tasks]
+        for future in futures:
+            try:
+                future.result()
+            except subprocess.CalledProcessError:
+                for pending in futures:
+                    pending.cancel()
+                raise
+
+
+def collect(run: Path, seeds: list[int]) -> dict[str, dict[int, dict]]:
+    """{model: {seed: metrics.json}} of every model and seed found; popularity from seed 0 only.
+
+    Checks that every result has the same test users and that each TIGER was trained on the semantic IDs
+    its seed folder holds now.
+    """
+    run = Path(run)
+    results: dict[str, dict[int, dict]] = {}
+    n_users = None
+    for seed in seeds:
+        for model, relative in SOURCES.items():
+            if model == "popularity" and seed != 0:
+                continue
+            path = seed_folder(run, seed) / relative
+            if not path.is_file():
+                raise ArtifactError(f"{path} is missing: train seed {seed} first (make seeds, or "
+                                    "experiments/10_seeds.py --train).")
+            result = load_json(path, "experiments/10_seeds.py")
+            if n_users is not None and result["n_test_users"] != n_users:
+                raise ArtifactError(f"{path} has {result['n_test_users']} test users, other seeds {n_users}: "
+                                    "they come from different runs.")
+            n_users = result["n_test_users"]
+            if model.startswith("tiger"):
+                _check_semantic_ids(result, path, seed_folder(run, seed))
+            results.setdefault(model, {})[seed] = result
+    return results
+
+
+def _mean_std(values: list[float]) -> dict:
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+            "values": [float(v) for v in array]}
+
+
+def summarise(results: dict[str, dict[int, dict]]) -> dict:
+    """Mean and sample std (ddof=1) over seeds of each model's test metrics (all and untied targets), validation
+    ndcg@10, and the NLL of the test target where the model reports it."""
+    summary = {"models": {}}
+    for model, by_seed in results.items():
+        seeds = sorted(by_seed)
+        row = {"seeds": seeds, "n_test_users": by_seed[seeds[0]]["n_test_users"],
+               "n_untied_users": by_seed[seeds[0]]["test"]["untied"]["n_users"]}
+        for name in METRIC_NAMES:
+            row[name] = _mean_std([by_seed[s]["test"][name] for s in seeds])
+            row[f"untied {name}"] = _mean_std([by_seed[s]["test"]["untied"][name] for s in seeds])
+        row["valid ndcg@10"] = _mean_std([by_seed[s]["valid"]["ndcg@10"] for s in seeds])
+        if all("nll" in by_seed[s]["test"] for s in seeds):
+            row["test nll"] = _mean_std([by_seed[s]["test"]["nll"] for s in seeds])
+        summary["models"][model] = row
+    if "tiger" in results and "sasrec" in results:
+        common = sorted(set(results["tiger"]) & set(results["sasrec"]))
+        summary["tiger_over_sasrec_ndcg@10"] = _mean_std(
+            [results["tiger"][s]["test"]["ndcg@10"] / results["sasrec"][s]["test"]["ndcg@10"] for s in common])
+    return summary
+
+
+def markdown(summary: dict, run: Path) -> str:
+    """RUN/seeds.md: model x metric, mean ± std over seeds."""
+    def cell(stat: dict | None) -> str:
+        return "-" if stat is None else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+    columns = ["recall@10", "ndcg@10", "untied recall@10", "untied ndcg@10", "valid ndcg@10", "test nll"]
+    models = summary["models"]
+    first = next(iter(models.values()))
+    counts = ", ".join(f"{model}: {len(row['seeds'])}" for model, row in models.items())
+    lines = [f"# {run}: test metrics over seeds", "",
+             f"Leave-one-out, full ranking, seen items excluded; {first['n_test_users']} test users, "
+             f"{first['n_untied_users']} with an untied target. Mean ± sample std over seeds "
+             f"({counts}); seed s trains the RQ-VAE, "
+             "both TIGERs and SASRec with seed s (experiments/seeds.py).", "",
+             "| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for model, row in models.items():
+        lines.append(f"| {model} | " + " | ".join(cell(row.get(c)) for c in columns) + " |")
+    ratio = summary.get("tiger_over_sasrec_ndcg@10")
+    if ratio:
+        lines += ["", f"TIGER test ndcg@10 as a fraction of SASRec's (same seed): {cell(ratio)}."]
+    return "\n".join(lines) + "\n"
+
+
+def summarise_run(run: Path, seeds: list[int]) -> dict:
+    """Collect, summarise and write RUN/seeds.json and RUN/seeds.md; returns the summary."""
+    summary = summarise(collect(run, seeds))
+    summary["seeds"] = list(seeds)
+    save_json(Path(run) / "seeds.json", summary)
+    save_text(Path(run) / "seeds.md", markdown(summary, Path(run)))
+    return summary
