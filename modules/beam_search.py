@@ -103,13 +103,17 @@ class BeamResult:
 
 @torch.no_grad()
 def beam_search(model: Tiger, src_tokens: torch.Tensor, trie: SemanticIdTrie, beam_width: int = 20,
-                top_k: int = 10, seen: torch.Tensor | None = None, constrained: bool = True) -> BeamResult:
+                top_k: int = 10, seen: torch.Tensor | None = None, constrained: bool = True,
+                cache: bool = True) -> BeamResult:
     """Generate the top_k semantic IDs for each encoder input.
 
     src_tokens: (B, S) encoder inputs.
     seen:       (B, N) bool, items to exclude (the user's input history); only with constrained=True.
     constrained=False decodes without the trie (only each level's code slice), to measure how
     often a free decoder invents IDs that are no item (`items` is then NO_ITEM).
+    cache=True decodes incrementally (`Tiger.decode_step`): the encoder memory's keys/values are
+    projected once per user and each level feeds one new token per beam; cache=False re-decodes the
+    whole prefix at every level (the reference; same items, scores equal to float rounding, tested).
     """
     if top_k > beam_width:
         raise ValueError(f"top_k = {top_k} needs beam_width >= top_k, got beam_width = {beam_width}.")
@@ -124,8 +128,14 @@ def beam_search(model: Tiger, src_tokens: torch.Tensor, trie: SemanticIdTrie, be
     # Every user starts with one live beam (the root); the others are dead copies.
     scores = torch.full((batch, width), float("-inf"), device=device)
     scores[:, 0] = 0.0
+    state = model.start_decoding(memory, keep) if cache else None
+    beam_rows = torch.arange(batch, device=device)[:, None] * width
     for level, size in enumerate(trie.codebook_sizes):
-        log_probs = model.next_level_log_probs(memory, keep, codes.view(batch * width, level)).view(batch, width, size)
+        if cache:
+            hidden = model.decode_step(state, codes[:, :, -1].reshape(-1) if level else None, batch * width)
+            log_probs = model.level_logits(hidden, level).float().log_softmax(-1).view(batch, width, size)
+        else:
+            log_probs = model.next_level_log_probs(memory, keep, codes.view(batch * width, level)).view(batch, width, size)
         candidate_keys = keys[:, :, None] * size + torch.arange(size, device=device)
         candidate_scores = scores[:, :, None] + log_probs
         if constrained:
@@ -136,6 +146,8 @@ def beam_search(model: Tiger, src_tokens: torch.Tensor, trie: SemanticIdTrie, be
         codes = torch.cat([codes.gather(1, parent[:, :, None].expand(-1, -1, level)),
                            (flat_index % size)[:, :, None]], dim=2)
         keys = candidate_keys.view(batch, width * size).gather(1, flat_index)
+        if cache:
+            state.reorder((beam_rows + parent).reshape(-1))
 
     node, exists = trie.lookup(len(trie.codebook_sizes) - 1, keys)
     items = torch.where(exists & (scores > float("-inf")), trie.leaf_item[node], NO_ITEM)

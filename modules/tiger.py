@@ -15,6 +15,8 @@ Pure torch: no I/O, no printing.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,15 +45,23 @@ class Attention(nn.Module):
         R may be a multiple G of B: then rows [b*G, (b+1)*G) of x (the beams of one user) all attend
         to context row b, which is projected once instead of G times (no causal mask then).
         """
+        return self.attend(x, *self.project_context(context), mask=mask, causal=causal)
+
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a context (B, S, E): two (B, heads, S, attn_dim / heads) tensors."""
+        k, v = self.key_value(context).view(context.shape[0], context.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               causal: bool = False) -> torch.Tensor:
+        """x (R, T, E) attends to projected keys/values (B, heads, S, d) -> (R, T, E); R = G*B as in `forward`."""
         rows, length, width = x.shape
-        batch = context.shape[0]
+        batch = k.shape[0]
         group = rows // batch
         if group * batch != rows or (group > 1 and causal):
             raise ValueError(f"{rows} query rows cannot share {batch} context rows{' causally' if causal else ''}.")
-        x = x.reshape(batch, group * length, width)
-        q = self.query(x).view(batch, group * length, self.n_heads, -1).transpose(1, 2)
-        k, v = self.key_value(context).view(batch, context.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        q = self.query(x.reshape(batch, group * length, width)).view(batch, group * length, self.n_heads, -1)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(rows, length, -1))
 
@@ -108,6 +118,39 @@ class DecoderLayer(nn.Module):
         x = x + self.drop(self.self_attn(h, h, causal=True))
         x = x + self.drop(self.cross_attn(self.norm_cross(x), memory, memory_mask))
         return x + self.drop(self.mlp(self.norm_mlp(x)))
+
+    def step(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+             memory_kv: tuple[torch.Tensor, torch.Tensor], memory_mask: torch.Tensor):
+        """One new token per row: x (R, 1, E) -> (R, 1, E) and the self-attention keys/values (R, heads, t+1, d)
+        of the tokens so far (`past` holds those of the t earlier ones; the new token attends to all of them
+        and itself, which is the causal mask's last row). memory_kv: `Attention.project_context` of the memory."""
+        h = self.norm_self(x)
+        k, v = self.self_attn.project_context(h)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        x = x + self.drop(self.self_attn.attend(h, k, v))
+        x = x + self.drop(self.cross_attn.attend(self.norm_cross(x), *memory_kv, mask=memory_mask))
+        return x + self.drop(self.mlp(self.norm_mlp(x))), (k, v)
+
+
+@dataclass
+class DecoderCache:
+    """The state of incremental decoding (`Tiger.start_decoding`, `Tiger.decode_step`) for R = G*B rows.
+
+    memory_kv:   per decoder layer, the cross-attention keys and values of the encoder memory,
+                 (B, heads, S, d) each, projected once for every level and beam.
+    memory_mask: (B, 1, 1, S) bool, the memory tokens that are not padding.
+    self_kv:     per decoder layer, keys and values (R, heads, t, d) of the t tokens decoded so far.
+    """
+
+    memory_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    memory_mask: torch.Tensor
+    self_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    length: int = 0
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep row rows[r] of the decoded tokens as row r (beam search's surviving parents), in place."""
+        self.self_kv = [(k[rows], v[rows]) for k, v in self.self_kv]
 
 
 class Tiger(nn.Module):
@@ -180,6 +223,30 @@ class Tiger(nn.Module):
         for layer in self.decoder_layers:
             x = layer(x, memory, mask)
         return self.decoder_norm(x)
+
+    def start_decoding(self, memory: torch.Tensor, memory_keep: torch.Tensor) -> DecoderCache:
+        """A `DecoderCache` for `decode_step` from `encode`'s memory (B, S, E) and keep mask (B, S)."""
+        return DecoderCache(memory_kv=[layer.cross_attn.project_context(memory) for layer in self.decoder_layers],
+                            memory_mask=context_mask(memory_keep, 1), self_kv=[None] * len(self.decoder_layers))
+
+    def decode_step(self, cache: DecoderCache, codes: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """The hidden state (R, E) after one more decoder token, reusing every earlier one from `cache`.
+
+        codes: (R,) the codes of level t-1 just chosen (None for the first step, whose input is BOS);
+        rows: R, a multiple G of the memory's B (rows [b*G, (b+1)*G) belong to input b). Equals
+        `decode(memory, keep, prefix)[:, -1]` for the prefix decoded so far (tested), at a fraction of the
+        cost: the memory's keys/values and the earlier tokens' are not recomputed.
+        """
+        level = cache.length
+        if level == 0:
+            tokens = torch.full((rows,), BOS_TOKEN, dtype=torch.int64, device=cache.memory_mask.device)
+        else:
+            tokens = codes + N_SPECIAL_TOKENS + self.level_offsets[level - 1]
+        x = self.embed_drop(self.token_embedding(tokens) + self.decoder_position.weight[level])[:, None, :]
+        for index, layer in enumerate(self.decoder_layers):
+            x, cache.self_kv[index] = layer.step(x, cache.self_kv[index], cache.memory_kv[index], cache.memory_mask)
+        cache.length += 1
+        return self.decoder_norm(x)[:, 0]
 
     def level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
         """(..., E) hidden state at decoder position `level` -> (..., K_level) float32 logits of that level's codes.

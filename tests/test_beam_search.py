@@ -104,3 +104,31 @@ def test_random_semantic_ids_are_unique_in_range_and_seeded():
     assert (ids < np.array(CODEBOOK_SIZES)).all() and (ids >= 0).all()
     assert np.array_equal(ids, random_semantic_ids(20, CODEBOOK_SIZES, seed=3))
     assert not np.array_equal(ids, random_semantic_ids(20, CODEBOOK_SIZES, seed=4))
+
+
+@pytest.mark.parametrize("with_seen", [False, True])
+def test_cached_beam_search_returns_the_items_and_scores_of_the_uncached_one(with_seen):
+    """The KV cache changes the cost, not the result: same items in the same order, same scores."""
+    model, semantic_ids, src = tiny_setup(n_items=20, n_users=7)
+    trie = SemanticIdTrie(semantic_ids, CODEBOOK_SIZES)
+    seen = torch.zeros(len(src), len(semantic_ids), dtype=torch.bool)
+    seen[torch.arange(len(src)), torch.arange(len(src))] = True
+    kwargs = dict(beam_width=6, top_k=5, seen=seen if with_seen else None)
+    cached = beam_search(model, src, trie, cache=True, **kwargs)
+    uncached = beam_search(model, src, trie, cache=False, **kwargs)
+    assert torch.equal(cached.items, uncached.items)
+    assert torch.equal(cached.codes, uncached.codes)
+    torch.testing.assert_close(cached.scores, uncached.scores, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_step_equals_the_last_position_of_a_full_decode():
+    model, semantic_ids, src = tiny_setup()
+    memory, keep = model.encode(src)
+    beams = 3
+    prefixes = semantic_ids[torch.randint(0, len(semantic_ids), (len(src) * beams,))]
+    state = model.start_decoding(memory, keep)
+    with torch.no_grad():
+        for level in range(prefixes.shape[1]):
+            step = model.decode_step(state, prefixes[:, level - 1] if level else None, len(prefixes))
+            full = model.decode(memory, keep, prefixes[:, :level])[:, -1]
+            torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-6)
