@@ -9,8 +9,9 @@ takes `--run` for its `--run-path`.)
 
 Reads RUN/item_ids.npy, RUN/interactions.npz and SEMANTIC_IDS/{semantic_ids.npy, movie_ids.npy,
 semantic_ids.json}. Writes into OUT: metrics.json, results.md, curves.png, config.gin, train.log,
-checkpoint.pt (latest, for resuming) and best.pt (best validation `select_metric`, ndcg@10 as for SASRec). A finished run (metrics.json
-present) is skipped unless --overwrite; a killed run resumes from checkpoint.pt and ends with the same
+checkpoint.pt (latest, for resuming) and best.pt (best validation `select_metric`, ndcg@10 as for SASRec).
+A finished run (metrics.json present) is reused only for the same inputs and gin bindings (its fingerprint),
+refused otherwise, redone with --overwrite; a killed run resumes from checkpoint.pt and ends with the same
 weights and metrics as an uninterrupted one (the data order is a function of the seed and the step).
 
 Protocol: leave-one-out (modules.split), full-catalogue ranking, seen items excluded, validation on
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -34,8 +36,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from experiments import artifacts
-from experiments.baselines import METRIC_NAMES, semantic_ids_digest
 from modules import metrics as ranking
+from modules.metrics import METRIC_NAMES
+from modules.semantic_ids import semantic_ids_digest
 from modules.beam_search import NO_ITEM, SemanticIdTrie, beam_search, item_log_likelihood
 from modules.popularity import item_popularity, popularity_log_likelihood
 from modules.sequences import (Vocabulary, check_semantic_ids, encode_histories, first_training_targets, hash_users,
@@ -166,14 +169,35 @@ def load_semantic_ids(run_dir: Path, semantic_ids_dir: Path, codebook_sizes: lis
     return semantic_ids.astype(np.int64), file_sizes
 
 
-def run_fingerprint(run_dir: Path, semantic_ids_dir: Path, random_ids: bool) -> dict:
-    """The decoder's inputs (the run's histories and item ids, the semantic IDs) and its gin config: a
-    finished decoder is reused only for the same (`artifacts.reuse_finished`)."""
+# Bindings that change no output of a finished run (logging, checkpoint cadence, evaluation batching, the run
+# folder's name): left out of the fingerprint so that they never force a retraining.
+NOT_FINGERPRINTED = ("train_decoder.log_every", "train_decoder.checkpoint_every", "train_decoder.eval_batch_size",
+                     "RUN_DIR")
+
+
+def operative_bindings(config_text: str) -> str:
+    """The binding lines of a gin config text (`gin.config_str()`), less comments and NOT_FINGERPRINTED."""
+    lines = [line for line in config_text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return "\n".join(line for line in lines if line.split("=")[0].strip() not in NOT_FINGERPRINTED)
+
+
+def run_fingerprint(run_dir: Path, semantic_ids_dir: Path, random_ids: bool, codebook_sizes) -> dict:
+    """The decoder's inputs (the run's histories and item ids, the semantic IDs) and its gin bindings: a
+    finished decoder is reused only for the same (`artifacts.reuse_finished`). The random-ID control reads
+    only the code-level sizes of the real IDs, not the IDs."""
     inputs = {"item_ids.npy": run_dir / artifacts.ITEM_IDS_FILE, "interactions.npz": run_dir / artifacts.INTERACTIONS_FILE}
-    names = ("semantic_ids.json",) if random_ids else ("semantic_ids.json", "semantic_ids.npy", "movie_ids.npy")
-    inputs |= {f"rqvae/{name}": semantic_ids_dir / name for name in names
-               if not random_ids or (semantic_ids_dir / name).is_file()}
-    return artifacts.fingerprint({"gin": gin.config_str()}, inputs)
+    config = {"gin": operative_bindings(gin.config_str())}
+    if random_ids:
+        info_path = semantic_ids_dir / "semantic_ids.json"
+        sizes = artifacts.load_json(info_path, RQVAE_SCRIPT)["codebook_sizes"] if info_path.is_file() else codebook_sizes
+        if sizes is None:
+            raise artifacts.ArtifactError(f"{info_path} is missing and train_decoder.codebook_sizes is not bound: "
+                                          f"the random-ID control needs the codebook sizes; run {RQVAE_SCRIPT} first.")
+        config["random_code_sizes"] = [int(k) for k in sizes[:-1]]
+    else:
+        inputs |= {f"rqvae/{name}": semantic_ids_dir / name
+                   for name in ("semantic_ids.json", "semantic_ids.npy", "movie_ids.npy")}
+    return artifacts.fingerprint(config, inputs)
 
 
 def random_ids_of(n_items: int, codebook_sizes, seed: int) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -487,7 +511,7 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     semantic_ids_dir = Path(semantic_ids_dir) if semantic_ids_dir else run_dir / "rqvae"
     out_dir = Path(out_dir) if out_dir else run_dir / ("decoder_random_ids" if random_ids else "decoder")
     runtime = setup_runtime()
-    current = run_fingerprint(run_dir, semantic_ids_dir, random_ids)
+    current = run_fingerprint(run_dir, semantic_ids_dir, random_ids, codebook_sizes)
     if not overwrite:
         done = artifacts.reuse_finished(out_dir / METRICS_FILE, current, redo=(
             f"pass --overwrite to train_decoder.py to retrain into {out_dir}, or give it another --out"))
@@ -519,7 +543,8 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
                          "(a bidirectional encoder would show each target the window's later items); "
                          "set it in the gin config, or targets_per_window = 1.")
     log.info("Tiger: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
-    config = gin.config_str() + f"\n# semantic ids sha1 {data.ids_digest}\n"  # resume only on the same IDs
+    # Resume only on the same config, IDs and input files.
+    config = gin.config_str() + f"\n# semantic ids sha1 {data.ids_digest}\n# inputs {json.dumps(current['inputs'])}\n"
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         folders = f"# run_dir: {run_dir}\n# semantic_ids_dir: {semantic_ids_dir}\n# out_dir: {out_dir}\n\n"
@@ -667,7 +692,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--semantic-ids", help="folder with semantic_ids.npy/.json and movie_ids.npy (default RUN/rqvae)")
     parser.add_argument("--out", help="output folder (default RUN/decoder, RUN/decoder_random_ids with --random-ids)")
     parser.add_argument("--random-ids", action="store_true", help="random-semantic-ID baseline (train_decoder.random_ids)")
-    parser.add_argument("--overwrite", action="store_true", help="retrain even if metrics.json exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="retrain even if a finished metrics.json exists (one made from other inputs or config is refused)")
     parser.add_argument("--stop-at-step", type=int, help="stop with a checkpoint after this many steps")
     parser.add_argument("--threads", type=int,
                         help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy shared machine)")
@@ -679,8 +705,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     gin.parse_config_files_and_bindings(args.config, params)
     run_dir = args.run or _gin_run_dir(args.config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    result = train(run_dir, args.semantic_ids, args.out, overwrite=args.overwrite, stop_at_step=args.stop_at_step)
+    try:
+        result = train(run_dir, args.semantic_ids, args.out, overwrite=args.overwrite, stop_at_step=args.stop_at_step)
+    except artifacts.ArtifactError as err:
+        raise SystemExit(artifacts.exit_message(err)) from None
     if dist.is_initialized():
+        # Every rank reaches this point before any tears down: otherwise a rank still finishing its last
+        # collective sees its peer's connection close and aborts (gloo raises SIGABRT; seen in the 2-process test).
+        dist.barrier()
         dist.destroy_process_group()
     return result
 

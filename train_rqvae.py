@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from experiments.artifacts import (ITEM_IDS_FILE, ITEMS_FILE, ArtifactError, atomic_path, fingerprint, load_item_ids,
-                                   load_items, reuse_finished, save_json, save_npy, save_figure, save_text)
+from experiments.artifacts import (ITEM_IDS_FILE, ITEMS_FILE, ArtifactError, atomic_path, exit_message, fingerprint,
+                                   load_item_ids, load_items, reuse_finished, save_json, save_npy, save_figure,
+                                   save_text)
 from experiments.ml25m import (FUSE_SCRIPT, ML25MItemData, genre_matrix,  # noqa: F401 (ML25MItemData: gin registration)
                                gin_effective_parameters, load_item_features)
 from modules import rqvae as rqvae_module
@@ -159,15 +160,14 @@ def semantic_ids_from_checkpoint(out_dir: str | Path, run: str | Path, features_
 
 def rqvae_fingerprint(run: Path, features_dir: Path, arguments: dict) -> dict:
     """What a finished RQ-VAE was made from: the train() `arguments` (less NOT_FINGERPRINTED), the RQVAE
-    settings (signature defaults < gin bindings), the features folder, and the digests of the fused features,
-    blocks.json, item_ids.npy and items.csv (the genre Jaccard reads it)."""
+    settings (signature defaults < gin bindings), and the digests of the fused features, blocks.json,
+    item_ids.npy and items.csv (the genre Jaccard reads it). No path: the files are what counts."""
     for name in FEATURE_FILES:
         if not (features_dir / name).is_file():
             raise ArtifactError(f"{features_dir / name} is missing: run {FUSE_SCRIPT} first "
                                 f"(or pass --features FOLDER).")
     config = {f"train_rqvae.{key}": value for key, value in arguments.items() if key not in NOT_FINGERPRINTED}
     config |= {f"RQVAE.{key}": value for key, value in gin_effective_parameters(rqvae_module.RQVAE, "RQVAE").items()}
-    config["features_dir"] = str(features_dir)
     inputs = {f"item_features/{name}": features_dir / name for name in FEATURE_FILES}
     inputs |= {ITEM_IDS_FILE: run / ITEM_IDS_FILE, ITEMS_FILE: run / ITEMS_FILE}
     return fingerprint(config, inputs)
@@ -430,11 +430,6 @@ def run_cli(argv=None) -> dict:
     parse_config(args.config, args.gin_param)
     return train(args.run, args.out, args.features, overwrite=args.overwrite,
                  **({"allow_collapsed": True} if args.allow_collapsed else {}))
-
-
-def exit_message(err: Exception) -> str:
-    """`error: <message>` for sys.exit, without the "In call to configurable ..." lines gin appends."""
-    return "error: " + str(err).split("\n  In call to configurable")[0]
 
 
 def main(argv=None) -> dict:

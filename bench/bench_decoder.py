@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--targets-per-window", type=int, default=1,
                         help="targets trained per encoder pass (>1: causal encoder, as train_decoder.targets_per_window)")
+    parser.add_argument("--beam-only", action="store_true", help="skip the training measurement")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,7 +91,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    train_seconds = timed(train_step, args.steps, device)
+    train_seconds = float("nan") if args.beam_only else timed(train_step, args.steps, device)
 
     model.eval()
     trie = SemanticIdTrie(torch.as_tensor(semantic_ids), CODEBOOK_SIZES).to(device)
@@ -99,22 +100,31 @@ def main() -> None:
     seen[torch.arange(args.eval_batch)[:, None], torch.as_tensor(rng.integers(0, args.items, (args.eval_batch, 50)))] = True
     seen = seen.to(device)
 
-    def decode():
+    def decode(cache: bool):
         with autocast:
-            beam_search(model, eval_src, trie, args.beam, args.top_k, seen=seen)
+            return beam_search(model, eval_src, trie, args.beam, args.top_k, seen=seen, cache=cache)
 
-    beam_seconds = timed(decode, args.eval_repeats, device)
+    # Interleaved, so that both see the same machine load; the two must return the same items.
+    uncached_seconds, beam_seconds = 0.0, 0.0
+    for _ in range(args.eval_repeats):
+        uncached_seconds += timed(lambda: decode(False), 1, device)
+        beam_seconds += timed(lambda: decode(True), 1, device)
+    same_items = bool(torch.equal(decode(True).items, decode(False).items))
     results = {"device": str(device), "threads": args.threads, "load_average": os.getloadavg(),
                "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
                "train_examples_per_s": args.batch * windows / train_seconds, "train_batch": args.batch,
                "targets_per_window": windows,
-               "beam_users_per_s": args.eval_batch / beam_seconds, "beam": args.beam, "top_k": args.top_k,
+               "beam_users_per_s": args.eval_batch * args.eval_repeats / beam_seconds,
+               "beam_users_per_s_without_cache": args.eval_batch * args.eval_repeats / uncached_seconds,
+               "cached_equals_uncached_items": same_items, "beam": args.beam, "top_k": args.top_k,
                "eval_batch": args.eval_batch, "items": args.items}
     layout = "" if windows == 1 else f", causal encoder, {windows} targets per window"
     print(f"| TIGER preset train ({results['parameters_m']:.2f}M params, batch {args.batch}{layout}) | {args.device} "
           f"| {results['train_examples_per_s']:.0f} examples (targets)/s |")
-    print(f"| constrained beam search, beam {args.beam} / top-{args.top_k}, {args.items} items | {args.device} "
-          f"| {results['beam_users_per_s']:.1f} users/s |")
+    print(f"| constrained beam search, beam {args.beam} / top-{args.top_k}, {args.items} items, KV cache | "
+          f"{args.device} | {results['beam_users_per_s']:.1f} users/s |")
+    print(f"| the same without the cache (prefix re-decoded at every level) | {args.device} "
+          f"| {results['beam_users_per_s_without_cache']:.1f} users/s (same items: {same_items}) |")
     print(f"load average {results['load_average']}")
     if args.out:
         out = pathlib.Path(args.out)

@@ -16,7 +16,7 @@ import argparse
 import logging
 
 import train_rqvae  # registers every configurable the RQ-VAE gin files bind
-from experiments.artifacts import ArtifactError
+from experiments.artifacts import ArtifactError, exit_message
 from experiments.ml25m import fuse_item_features
 
 
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     try:
         meta = fuse_item_features(args.run, args.out, overwrite=args.overwrite, **overrides)
     except (ArtifactError, ValueError) as err:  # a stale or missing input, or a bad setting: no traceback
-        sys.exit(train_rqvae.exit_message(err))
+        sys.exit(exit_message(err))
     for block in meta["blocks"]:
         logging.info("%s: columns %s, %d items without it", block["name"], block["columns"],
                      block["n_items_without_block"])

@@ -3,8 +3,9 @@
     python experiments/07_train_baselines.py --run runs/ml_small --sasrec-config configs/sasrec_ml_small.gin
 
 Writes RUN/baselines/metrics.json (valid and test metrics per model) plus SASRec's checkpoints, log and
-resolved config under RUN/baselines/sasrec/. Finished models are skipped unless --overwrite; an
-interrupted SASRec run resumes from its last epoch.
+resolved config under RUN/baselines/sasrec/. A finished model is reused only for the same inputs and
+config (one made from others is refused; --overwrite redoes it); an interrupted SASRec run resumes from
+its last epoch.
 """
 import sys, pathlib
 sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, so `experiments`/`modules` import

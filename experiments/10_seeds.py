@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--sasrec-config", help="e.g. configs/sasrec_ml_small.gin")
     parser.add_argument("--jobs", type=int, default=1, help="models trained at once")
     parser.add_argument("--threads", type=int, help="torch threads per model")
+    parser.add_argument("--also", default="", help="more decoders to summarise, name=folder inside each seed "
+                                                  "folder, comma-separated (e.g. tiger_long=decoder_long)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -39,7 +41,8 @@ def main() -> None:
                 raise ArtifactError("--train needs --rqvae-config, --decoder-config and --sasrec-config.")
             train_seeds(pathlib.Path(args.run), seeds, args.rqvae_config, args.decoder_config, args.sasrec_config,
                         args.jobs, args.threads)
-        summarise_run(pathlib.Path(args.run), seeds)
+        extra = dict(item.split("=", 1) for item in args.also.split(",") if item.strip())
+        summarise_run(pathlib.Path(args.run), seeds, extra)
     except subprocess.CalledProcessError as err:
         sys.exit(f"error: a training step failed (exit code {err.returncode}): {' '.join(err.cmd)}")
     except (ArtifactError, ValueError) as err:

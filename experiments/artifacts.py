@@ -108,6 +108,11 @@ def load_json(path: str | os.PathLike, producer: str) -> dict:
 # output only when the current fingerprint equals the stored one; otherwise it stops and says what changed.
 # ----------------------------------------------------------------------------------------------------
 
+def exit_message(err: Exception) -> str:
+    """`error: <message>` for sys.exit, without the "In call to configurable ..." lines gin appends."""
+    return "error: " + str(err).split("\n  In call to configurable")[0]
+
+
 class StaleOutputError(ArtifactError):
     """A finished output exists but was made from other inputs or another config (or cannot be checked)."""
 
@@ -143,13 +148,10 @@ def fingerprint(config: dict, inputs: dict[str, str | os.PathLike]) -> dict:
 
 
 def fingerprint_changes(recorded: dict, current: dict) -> list[str]:
-    """Human-readable differences between two fingerprints (empty when they match)."""
-    changes = []
-    old_config, new_config = recorded.get("config", {}), current.get("config", {})
-    for key in sorted(set(old_config) | set(new_config)):
-        if old_config.get(key, "<unset>") != new_config.get(key, "<unset>"):
-            changes.append(f"config {key}: {_short(old_config.get(key, '<unset>'))} -> "
-                           f"{_short(new_config.get(key, '<unset>'))}")
+    """Human-readable differences between two fingerprints (empty when they match): the config keys whose
+    values differ (nested dicts key by key, multi-line texts such as a gin config line by line), and the
+    inputs that changed, appeared or disappeared."""
+    changes = _value_changes("config", recorded.get("config", {}), current.get("config", {}))
     old_inputs, new_inputs = recorded.get("inputs", {}), current.get("inputs", {})
     for name in sorted(set(old_inputs) | set(new_inputs)):
         if name not in old_inputs or name not in new_inputs:
@@ -160,8 +162,23 @@ def fingerprint_changes(recorded: dict, current: dict) -> list[str]:
     return changes
 
 
+def _value_changes(label: str, old, new) -> list[str]:
+    if old == new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in sorted(set(old) | set(new), key=str)
+                for change in _value_changes(f"{label} {key}", old.get(key, "<unset>"), new.get(key, "<unset>"))]
+    if isinstance(old, str) and isinstance(new, str) and ("\n" in old or "\n" in new):
+        old_lines, new_lines = old.splitlines(), new.splitlines()
+        removed = [line for line in old_lines if line not in new_lines]
+        added = [line for line in new_lines if line not in old_lines]
+        return ([f"{label}: was {_short(line)}" for line in removed[:8]] +
+                [f"{label}: now {_short(line)}" for line in added[:8]]) or [f"{label}: lines reordered"]
+    return [f"{label}: {_short(old)} -> {_short(new)}"]
+
+
 def _short(value) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= 120 else text[:117] + "..."
 
 

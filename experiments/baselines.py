@@ -3,8 +3,8 @@
 Protocol (docs/pipeline.md): leave-one-out split (`modules.split`), full ranking over the catalogue,
 items in the user's input history excluded, metrics from `modules.metrics`.
 
-Layout written under RUN/baselines/ (steps skip finished outputs unless overwrite, and SASRec resumes
-from its last epoch after a kill):
+Layout written under RUN/baselines/ (a finished output is reused only for the same inputs and config, its
+fingerprint; SASRec resumes from its last epoch after a kill):
     popularity/metrics.json
     sasrec/{best.pt, last.pt, config.gin, train.log, metrics.json}
     metrics.json   {"n_test_users": N, "models": {"popularity": {"valid", "test"}, "sasrec": {..., "best_epoch"}}}
@@ -12,7 +12,7 @@ The report (`write_run_report`) writes RUN/metrics.json and RUN/results.md.
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 import math
 import os
@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from experiments.artifacts import (ArtifactError, Interactions, atomic_path, fingerprint, load_interactions,
-                                   load_item_ids, load_json, reuse_finished, save_json, save_text)
-from modules.metrics import DEFAULT_KS, topk_unseen, with_untied
+from experiments.artifacts import (ArtifactError, Interactions, atomic_path, file_digest, fingerprint,
+                                   load_interactions, load_item_ids, load_json, reuse_finished, save_json, save_text)
+from modules.metrics import DEFAULT_KS, METRIC_NAMES, topk_unseen, with_untied
+from modules.semantic_ids import semantic_ids_digest
 from modules.popularity import MostPopular, item_popularity
 from modules.sasrec import SASRec, left_padded_windows, training_windows
 from modules.split import LeaveOneOut, leave_one_out, tied_with_previous
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 BASELINES_SCRIPT = "experiments/07_train_baselines.py"
 REPORT_SCRIPT = "experiments/08_report.py"
 MODELS = ("popularity", "sasrec")
-METRIC_NAMES = tuple(f"recall@{k}" for k in DEFAULT_KS) + tuple(f"ndcg@{k}" for k in DEFAULT_KS)
 PROTOCOL = "leave-one-out, full ranking over the whole catalogue, items in the user's input history excluded"
 
 
@@ -295,7 +295,9 @@ def _train_sasrec(run_dir: Path, out_dir: Path, train_config: dict, model_config
     started = time.time()
     device = pick_device()
     interactions, n_items, split = load_run(run_dir)
-    hyperparameters = {"train": train_config, "model": model_config, "n_items": n_items}
+    # The inputs too: a checkpoint of other data (say, re-prepared with another tie-break) never resumes.
+    hyperparameters = {"train": train_config, "model": model_config, "n_items": n_items,
+                       "inputs": run_fingerprint["inputs"]}
     torch.manual_seed(train_config["seed"])
     model = SASRec(n_items=n_items, **model_config).to(device)
     save_text(out_dir / "config.gin", gin.operative_config_str())
@@ -373,8 +375,9 @@ def run_baselines(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                   overwrite: bool = False, gin_bindings: Sequence[str] = ()) -> dict:
     """Evaluate the requested baselines and write out_dir/metrics.json (default out_dir: RUN/baselines).
 
-    Each model keeps its own out_dir/<model>/metrics.json (skipped when present unless overwrite); the
-    combined file lists every model finished in out_dir.
+    Each model keeps its own out_dir/<model>/metrics.json (reused when present for the same inputs and
+    config, refused for others, redone with overwrite); the combined file lists every model finished in
+    out_dir.
     """
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "baselines"
     unknown = sorted(set(models) - set(MODELS))
@@ -408,7 +411,7 @@ def write_baselines_summary(out_dir: Path) -> dict:
             continue
         result = load_json(path, BASELINES_SCRIPT)
         summary["n_test_users"] = _same_users(summary["n_test_users"], result["n_test_users"], path)
-        entry = {"valid": result["valid"], "test": result["test"]}
+        entry = {"valid": result["valid"], "test": result["test"], "fingerprint": result.get("fingerprint")}
         if "best_epoch" in result:
             entry["best_epoch"] = result["best_epoch"]
         summary["models"][name] = entry
@@ -481,7 +484,7 @@ def collect_results(run_dir: str | os.PathLike, decoder_dirs: Sequence[str] | No
         results.append((result["model"], int(result["n_test_users"]),
                         _checked_metrics(result.get("valid"), path, "valid"),
                         _checked_metrics(result.get("test"), path, "test"), path))
-        _check_semantic_ids(result, path, run_dir)
+        check_result_is_current(result, path, run_dir)
     baselines_path = run_dir / "baselines" / "metrics.json"
     if baselines_path.is_file():
         baselines = load_json(baselines_path, BASELINES_SCRIPT)
@@ -490,6 +493,7 @@ def collect_results(run_dir: str | os.PathLike, decoder_dirs: Sequence[str] | No
                             _checked_metrics(entry.get("valid"), baselines_path, f"models.{name}.valid"),
                             _checked_metrics(entry.get("test"), baselines_path, f"models.{name}.test"),
                             baselines_path))
+            check_result_is_current(entry, baselines_path / name, run_dir)
     else:
         missing.append(str(baselines_path))
     if not results:
@@ -498,23 +502,46 @@ def collect_results(run_dir: str | os.PathLike, decoder_dirs: Sequence[str] | No
     return results, missing
 
 
-def semantic_ids_digest(semantic_ids: np.ndarray) -> str:
-    """SHA-1 of (N, L+1) semantic IDs as int64 (the `semantic_ids_sha1` a decoder records)."""
-    return hashlib.sha1(np.ascontiguousarray(semantic_ids, dtype=np.int64).tobytes()).hexdigest()
+@functools.lru_cache(maxsize=8)
+def _digest_of(path: Path, size: int, mtime_ns: int) -> str:
+    return file_digest(path)["sha1"]
 
 
-def _check_semantic_ids(result: dict, path: Path, run_dir: Path) -> None:
+def check_result_is_current(result: dict, path: Path, run_dir: Path, rqvae_dir: Path | None = None) -> None:
+    """Refuse a result (any model's metrics.json) trained on other interactions than the run's current
+    interactions.npz, and a decoder's trained on other semantic IDs than its folder holds now (the folder it
+    recorded, or `rqvae_dir`, default RUN/rqvae, when that path does not resolve from here)."""
+    recorded = (result.get("fingerprint") or {}).get("inputs", {}).get("interactions.npz")
+    if recorded is None:
+        raise ArtifactError(f"{path} records no fingerprint of the interactions it was trained on (an older "
+                            "version wrote it), so it cannot be checked against this run: retrain it with "
+                            "--overwrite.")
+    current = Path(run_dir) / "interactions.npz"
+    stat = current.stat()
+    if recorded["sha1"] != _digest_of(current, stat.st_size, stat.st_mtime_ns):
+        raise ArtifactError(f"{path} was trained on other interactions than the current {current} (the run was "
+                            "prepared again since, e.g. with another --tie-break): retrain it with --overwrite, or "
+                            "restore the data it was trained on.")
+    if "model" in result:   # a decoder
+        check_semantic_ids_current(result, path, Path(rqvae_dir) if rqvae_dir else Path(run_dir) / "rqvae")
+
+
+def check_semantic_ids_current(result: dict, path: Path, rqvae_dir: Path) -> None:
     """Refuse a decoder result trained on other semantic IDs than the ones its folder holds now."""
     if result.get("semantic_ids") == "random":
         return
-    folder = Path(str(result.get("semantic_ids", run_dir / "rqvae")))
-    if not folder.is_dir():
-        folder = run_dir / "rqvae"
+    folder = Path(str(result.get("semantic_ids", rqvae_dir)))
+    if not folder.is_dir():   # recorded relative to another working directory
+        log.info("%s: semantic IDs folder %s not found from here; checking %s", path, folder, rqvae_dir)
+        folder = rqvae_dir
     ids_path = folder / "semantic_ids.npy"
     if not ids_path.is_file():
         raise ArtifactError(f"{path} was trained on {ids_path}, which is missing: re-run train_rqvae.py and then "
                             "the decoder (train_decoder.py --overwrite).")
-    if result.get("semantic_ids_sha1") != semantic_ids_digest(np.load(ids_path)):
+    if "semantic_ids_sha1" not in result:
+        raise ArtifactError(f"{path} records no semantic_ids_sha1 (an older version wrote it): retrain it "
+                            "(train_decoder.py ... --overwrite).")
+    if result["semantic_ids_sha1"] != semantic_ids_digest(np.load(ids_path)):
         raise ArtifactError(f"{path} was trained on other semantic IDs than the current {ids_path} (its "
                             "semantic_ids_sha1 differs: the RQ-VAE step was re-run since). Retrain the decoder "
                             "(train_decoder.py ... --overwrite), or restore the IDs it was trained on.")

@@ -203,8 +203,10 @@ class HeldOut:
         Kept: activity of users outside the split, and a prepared user's activity strictly before their
         validation event on movies other than their two held-out targets.
         """
-        row = np.clip(np.searchsorted(self.user_ids, user), 0, max(len(self.user_ids) - 1, 0))
-        known = (self.user_ids[row] == user) if len(self.user_ids) else np.zeros(len(user), dtype=bool)
+        if len(self.user_ids) == 0:
+            return np.ones(len(user), dtype=bool)
+        row = np.clip(np.searchsorted(self.user_ids, user), 0, len(self.user_ids) - 1)
+        known = self.user_ids[row] == user
         before = timestamp < self.valid_time[row]
         other_movie = (movie != self.valid_movie[row]) & (movie != self.test_movie[row])
         return ~known | (before & other_movie)
@@ -537,22 +539,21 @@ def fusion_settings(run: str | os.PathLike, overrides: dict) -> dict:
 
 
 def fusion_config(settings: dict) -> dict:
-    """The operative part of `settings` for the fingerprint: per-block values of the chosen blocks only, paths
-    as strings. Left out: the run folder (its files are inputs) and allow_random_poster_weights (it refuses or
+    """The operative part of `settings` for the fingerprint: per-block values of the chosen blocks only. Left
+    out: every path (the run folder, the data folder, the poster features: the files they hold are inputs, so
+    `runs/x` and `runs/x/` or a moved folder fingerprint alike) and allow_random_poster_weights (it refuses or
     allows, and changes no feature)."""
     blocks = list(settings["blocks"])
     weights = {**DEFAULT_WEIGHTS, **(settings["block_weights"] or {})}
     standardisation = {**DEFAULT_STANDARDISATION, **(settings["standardisation"] or {})}
     pca_dims = settings["pca_dims"] or {}
-    config = {"root": str(settings["root"]), "blocks": blocks, "dataset_name": settings["dataset_name"],
+    config = {"blocks": blocks, "dataset_name": settings["dataset_name"],
               "block_weights": {b: float(weights[b]) for b in blocks},
               "standardisation": {b: standardisation[b] for b in blocks},
               "pca_dims": {b: int(pca_dims[b]) for b in blocks if pca_dims.get(b)}}
     if "tags" in blocks:
         config.update(tag_vocabulary=int(settings["tag_vocabulary"]),
                       min_movies_per_tag=int(settings["min_movies_per_tag"]))
-    if "poster" in blocks:
-        config["poster_feature_path"] = str(settings["poster_feature_path"])
     return config
 
 

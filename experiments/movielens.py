@@ -358,8 +358,15 @@ def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_int
                 _same_source(previous.get("source", {}).get("files", {}), _source_fingerprint(data_dir)):
             log.info("%s exists for the same inputs and settings: skipping (use --overwrite to redo).", stats_path)
             return previous
-        raise FileExistsError(f"{run_dir} holds a preparation of other inputs or settings ({stats_path}). "
-                              "Use another RUN folder, or --overwrite to replace it.")
+        changes = [f"{key}: {previous.get('config', {}).get(key, '<unset>')} -> {value}"
+                   for key, value in asdict(config).items() if previous.get("config", {}).get(key) != value]
+        recorded_files = previous.get("source", {}).get("files", {})
+        changes += [f"input {name} changed" for name, digest in _source_fingerprint(data_dir).items()
+                    if recorded_files.get(name, {}).get("sha1", digest["sha1"]) != digest["sha1"]
+                    or recorded_files.get(name, {}).get("bytes") != digest["bytes"]]
+        raise FileExistsError(f"{run_dir} holds a preparation of other inputs or settings ({stats_path}: "
+                              f"{'; '.join(changes) or 'another set of input files'}). Use another RUN folder, or "
+                              "--overwrite to replace it (and redo every later step).")
     started = time.perf_counter()
     items = read_movies(data_dir)
     item_ids = items["movieId"].to_numpy(np.int64)

@@ -469,7 +469,7 @@ def extract_poster_features(run: str | os.PathLike, poster_dir: str | os.PathLik
     out_dir = run / OUTPUT_DIR
     meta_path = out_dir / "meta.json"
     if meta_path.is_file() and not overwrite:
-        return _existing_outputs(meta_path, backbone, weights, weights_path, image_size)
+        return _existing_outputs(meta_path, backbone, weights, weights_path, image_size, poster_dir, load_item_ids(run))
     if not poster_dir.is_dir():
         raise ArtifactError(f"poster folder {poster_dir} does not exist: run experiments/03_download_posters.py "
                             f"or pass --posters DIR holding {{movieId}}.jpg files.")
@@ -495,9 +495,28 @@ def extract_poster_features(run: str | os.PathLike, poster_dir: str | os.PathLik
     return meta
 
 
-def _existing_outputs(meta_path: Path, backbone: str, weights: str, weights_path, image_size: int | None) -> dict:
-    """Skip a finished step, but refuse to silently keep features of another backbone, weights or size."""
+def posters_digest(poster_dir: Path, item_ids: np.ndarray) -> str:
+    """SHA-256 of the run's movieIds and, for each, the size of its poster file (or "missing"): which posters
+    the features were made from. Names and sizes only, so that checking a finished step stays cheap (a
+    re-encoded poster of exactly the same size would pass; the chunks' own fingerprints add mtimes)."""
+    digest = hashlib.sha256(np.ascontiguousarray(item_ids, dtype=np.int64).tobytes())
+    for movie_id in item_ids:
+        path = Path(poster_dir) / f"{int(movie_id)}.jpg"
+        digest.update(f"{path.stat().st_size};".encode() if path.is_file() else b"missing;")
+    return digest.hexdigest()
+
+
+def _existing_outputs(meta_path: Path, backbone: str, weights: str, weights_path, image_size: int | None,
+                      poster_dir: Path, item_ids: np.ndarray) -> dict:
+    """Skip a finished step, but refuse to silently keep features of another backbone, weights or size, or
+    made from other posters or another item table."""
     meta = json.loads(meta_path.read_text())
+    if meta.get("posters_digest") != posters_digest(poster_dir, item_ids):
+        raise ArtifactError(f"{meta_path.parent} holds poster features made from other posters or another item "
+                            f"table than {poster_dir} and {meta_path.parents[1] / 'item_ids.npy'} "
+                            + ("(its meta.json records no posters_digest: an older version wrote it)"
+                               if "posters_digest" not in meta else f"(it was made from {meta.get('poster_dir')})")
+                            + ": pass --overwrite to recompute them, or use another RUN folder.")
     spec = BACKBONES.get(backbone)
     wanted_size = image_size or (spec.default_image_size if spec else None)
     if weights_path is not None:
@@ -575,6 +594,7 @@ def _write_outputs(out_dir: Path, item_ids: np.ndarray, chunks: list[dict], mode
                          f"std={list(model.spec.std)} (0-1 scale)",
         "pooling": _POOLING[model.spec.name],
         "poster_dir": str(poster_dir),
+        "posters_digest": posters_digest(poster_dir, item_ids),
         "device": str(device),
         "elapsed_s": round(elapsed, 1),
     }

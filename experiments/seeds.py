@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.artifacts import ArtifactError, load_json, save_json, save_text
-from experiments.baselines import METRIC_NAMES, _check_semantic_ids
+from experiments.baselines import METRIC_NAMES, check_result_is_current
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +73,34 @@ def train_seeds(run: Path, seeds: list[int], rqvae_config: str, decoder_config: 
                 raise
 
 
-def collect(run: Path, seeds: list[int]) -> dict[str, dict[int, dict]]:
+def collect(run: Path, seeds: list[int], extra: dict[str, str] | None = None) -> dict[str, dict[int, dict]]:
     """{model: {seed: metrics.json}} of every model and seed found; popularity from seed 0 only.
 
-    Checks that every result has the same test users and that each TIGER was trained on the semantic IDs
-    its seed folder holds now.
+    extra: more decoders to collect, {name: folder inside each seed folder} (e.g. {"tiger_long":
+    "decoder_long"} for the long preset trained beside the pipeline's).
+
+    Checks that every result has the same test users, was trained on the run's current interactions, and
+    (TIGER) on the semantic IDs its seed folder holds now (`check_result_is_current`).
     """
     run = Path(run)
     results: dict[str, dict[int, dict]] = {}
     n_users = None
+    sources = SOURCES | {name: f"{folder}/metrics.json" for name, folder in (extra or {}).items()}
     for seed in seeds:
-        for model, relative in SOURCES.items():
+        for model, relative in sources.items():
             if model == "popularity" and seed != 0:
                 continue
             path = seed_folder(run, seed) / relative
             if not path.is_file():
-                raise ArtifactError(f"{path} is missing: train seed {seed} first (make seeds, or "
-                                    "experiments/10_seeds.py --train).")
+                raise ArtifactError(f"{path} is missing: " + ("run make pipeline first (seed 0 is its run)."
+                                    if seed == 0 else f"train seed {seed} first (make seeds, or "
+                                    "experiments/10_seeds.py --train)."))
             result = load_json(path, "experiments/10_seeds.py")
             if n_users is not None and result["n_test_users"] != n_users:
                 raise ArtifactError(f"{path} has {result['n_test_users']} test users, other seeds {n_users}: "
                                     "they come from different runs.")
             n_users = result["n_test_users"]
-            if model.startswith("tiger"):
-                _check_semantic_ids(result, path, seed_folder(run, seed))
+            check_result_is_current(result, path, run, seed_folder(run, seed) / "rqvae")
             results.setdefault(model, {})[seed] = result
     return results
 
@@ -122,10 +126,11 @@ def summarise(results: dict[str, dict[int, dict]]) -> dict:
         if all("nll" in by_seed[s]["test"] for s in seeds):
             row["test nll"] = _mean_std([by_seed[s]["test"]["nll"] for s in seeds])
         summary["models"][model] = row
-    if "tiger" in results and "sasrec" in results:
-        common = sorted(set(results["tiger"]) & set(results["sasrec"]))
-        summary["tiger_over_sasrec_ndcg@10"] = _mean_std(
-            [results["tiger"][s]["test"]["ndcg@10"] / results["sasrec"][s]["test"]["ndcg@10"] for s in common])
+    for model in (m for m in results if m.startswith("tiger") and "random" not in m):
+        if "sasrec" in results:
+            common = sorted(set(results[model]) & set(results["sasrec"]))
+            summary[f"{model}_over_sasrec_ndcg@10"] = _mean_std(
+                [results[model][s]["test"]["ndcg@10"] / results["sasrec"][s]["test"]["ndcg@10"] for s in common])
     return summary
 
 
@@ -146,15 +151,16 @@ def markdown(summary: dict, run: Path) -> str:
              "| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for model, row in models.items():
         lines.append(f"| {model} | " + " | ".join(cell(row.get(c)) for c in columns) + " |")
-    ratio = summary.get("tiger_over_sasrec_ndcg@10")
-    if ratio:
-        lines += ["", f"TIGER test ndcg@10 as a fraction of SASRec's (same seed): {cell(ratio)}."]
+    lines.append("")
+    for key, ratio in summary.items():
+        if key.endswith("_over_sasrec_ndcg@10"):
+            lines.append(f"- {key.split('_over_')[0]} test ndcg@10 as a fraction of SASRec's (same seed): {cell(ratio)}")
     return "\n".join(lines) + "\n"
 
 
-def summarise_run(run: Path, seeds: list[int]) -> dict:
+def summarise_run(run: Path, seeds: list[int], extra: dict[str, str] | None = None) -> dict:
     """Collect, summarise and write RUN/seeds.json and RUN/seeds.md; returns the summary."""
-    summary = summarise(collect(run, seeds))
+    summary = summarise(collect(run, seeds, extra))
     summary["seeds"] = list(seeds)
     save_json(Path(run) / "seeds.json", summary)
     save_text(Path(run) / "seeds.md", markdown(summary, Path(run)))

@@ -19,6 +19,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[int]]
 Histories = Union[Sequence[ArrayLike], tuple]
 
 DEFAULT_KS = (5, 10)
+METRIC_NAMES = tuple(f"recall@{k}" for k in DEFAULT_KS) + tuple(f"ndcg@{k}" for k in DEFAULT_KS)
 NO_ITEM = -1  # padding in ranked lists: "no item at this position"
 
 

@@ -1,12 +1,19 @@
 """Semantic IDs from RQ-VAE codes: the TIGER collision column and codebook-health statistics (numpy)."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 # A level counts as collapsed when one code takes more than this share of the items ...
 COLLAPSE_TOP_SHARE = 0.5
 # ... or when fewer than this fraction of the codes it could use (min(K, N)) are used.
 COLLAPSE_MIN_USAGE = 0.1
+
+
+def semantic_ids_digest(semantic_ids: np.ndarray) -> str:
+    """SHA-1 of (N, L+1) semantic IDs as int64 (the `semantic_ids_sha1` a decoder records)."""
+    return hashlib.sha1(np.ascontiguousarray(semantic_ids, dtype=np.int64).tobytes()).hexdigest()
 
 
 def collision_groups(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -269,7 +269,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
     # unfinished one is refused too.
     monkeypatch.setattr(baselines, "train_one_epoch", lambda *a, **k: pytest.fail("retrained a finished run"))
     assert _train(run, tmp_path / "b")["best_epoch"] == 4
-    with pytest.raises(StaleOutputError, match="config train: .*0.01"):
+    with pytest.raises(StaleOutputError, match="config train learning_rate: 0.005 -> 0.01"):
         _train(run, tmp_path / "b", learning_rate=0.01)
     inter = dict(np.load(run / "interactions.npz"))
     inter["item_index"] = inter["item_index"][::-1].copy()   # other data in the same run folder

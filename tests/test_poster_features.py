@@ -223,6 +223,18 @@ def test_finished_step_is_skipped_and_other_settings_need_overwrite(tmp_path, po
     assert outputs(run)[3]["image_size"] == 48 and len(calls) == 1
 
 
+def test_finished_features_of_other_posters_are_never_reused(tmp_path, posters):
+    """`make pipeline POSTERS=<another folder>` on a finished run must not keep the old features."""
+    run = make_run(tmp_path, "run", [1, 2])
+    extract(run, posters)
+    other = tmp_path / "other_posters"
+    other.mkdir()
+    make_poster(other / "1.jpg", seed=7, size=(40, 60))    # another poster for movie 1, movie 2 missing
+    with pytest.raises(ArtifactError, match="other posters or another item table .*--overwrite"):
+        extract(run, other)
+    extract(run, posters)                                   # the same folder again: reused
+
+
 # ---------------------------------------------------------------------------------------------------
 # Weights: explicit random init, local files, clear errors
 # ---------------------------------------------------------------------------------------------------

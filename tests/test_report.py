@@ -9,12 +9,19 @@ import pytest
 
 import numpy as np
 
-from experiments.artifacts import ArtifactError, save_json, save_npy
+from experiments.artifacts import ArtifactError, file_digest, save_json, save_npy
 from experiments.baselines import METRIC_NAMES, semantic_ids_digest, write_run_report
 
 REPO = Path(__file__).resolve().parents[1]
 SEMANTIC_IDS = np.array([[0, 1, 0], [0, 1, 1], [2, 0, 0]], dtype=np.int64)
 IDS = {"semantic_ids": "rqvae", "semantic_ids_sha1": semantic_ids_digest(SEMANTIC_IDS)}  # as train_decoder records them
+INTERACTIONS = dict(user_ids=np.arange(3), offsets=np.array([0, 3, 6, 9]), item_index=np.zeros(9, np.int32),
+                    timestamps=np.arange(9), ratings=np.ones(9, np.float32))
+
+
+def trained_on(run: Path) -> dict:
+    """The fingerprint field every result records: here only the digest of the run's interactions."""
+    return {"fingerprint": {"inputs": {"interactions.npz": file_digest(run / "interactions.npz")}}}
 
 
 def metrics(base: float) -> dict:
@@ -25,16 +32,21 @@ def metrics(base: float) -> dict:
 
 def write_results(run: Path, n_users: int = 7, random_ids_users: int | None = None) -> Path:
     """A run folder holding baselines/metrics.json, decoder/ and decoder_random_ids/ results."""
+    run.mkdir(parents=True, exist_ok=True)
+    np.savez(run / "interactions.npz", **INTERACTIONS)
+    global IDS
+    IDS = IDS | trained_on(run)
     save_json(run / "baselines" / "metrics.json", {"n_test_users": n_users, "models": {
-        "popularity": {"valid": metrics(0.1), "test": metrics(0.2)},
-        "sasrec": {"valid": metrics(0.3), "test": metrics(0.4), "best_epoch": 3}}})
+        "popularity": {"valid": metrics(0.1), "test": metrics(0.2), **trained_on(run)},
+        "sasrec": {"valid": metrics(0.3), "test": metrics(0.4), "best_epoch": 3, **trained_on(run)}}})
     save_json(run / "decoder" / "metrics.json",
               {"model": "tiger", "n_test_users": n_users, "valid": metrics(0.5), "test": metrics(0.6), "step": 9,
-               "semantic_ids": str(run / "rqvae"), "semantic_ids_sha1": semantic_ids_digest(SEMANTIC_IDS)})
+               "semantic_ids": str(run / "rqvae"), "semantic_ids_sha1": semantic_ids_digest(SEMANTIC_IDS),
+               **trained_on(run)})
     save_npy(run / "rqvae" / "semantic_ids.npy", SEMANTIC_IDS)
     save_json(run / "decoder_random_ids" / "metrics.json",
               {"model": "tiger_random_ids", "n_test_users": random_ids_users or n_users,
-               "valid": metrics(0.7), "test": metrics(0.8), "semantic_ids": "random"})
+               "valid": metrics(0.7), "test": metrics(0.8), "semantic_ids": "random", **trained_on(run)})
     return run
 
 
@@ -148,3 +160,12 @@ def test_an_npz_saved_twice_has_one_digest(tmp_path):
     assert file_digest(tmp_path / "a.npz")["sha1"] == first["sha1"]
     np.savez(tmp_path / "a.npz", x=np.arange(5), y=np.zeros(3))
     assert file_digest(tmp_path / "a.npz")["sha1"] != first["sha1"]
+
+
+def test_report_refuses_results_trained_on_other_interactions(tmp_path):
+    """The run was prepared again (say with another --tie-break): every old result is refused, not relabelled."""
+    run = write_results(tmp_path / "run")
+    write_run_report(run)
+    np.savez(run / "interactions.npz", **INTERACTIONS | {"timestamps": np.arange(9)[::-1].copy()})
+    with pytest.raises(ArtifactError, match="trained on other interactions than the current .*interactions.npz"):
+        write_run_report(run)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.artifacts import ArtifactError, save_json, save_npy
+from experiments.artifacts import ArtifactError, file_digest, save_json, save_npy
 from experiments.baselines import METRIC_NAMES, semantic_ids_digest
 from experiments.seeds import seed_folder, summarise_run
 
@@ -19,18 +19,22 @@ def metrics(value: float, n_users: int = 10) -> dict:
 
 def write_seed(run: Path, seed: int, tiger: float, sasrec: float, n_users: int = 10) -> None:
     folder = seed_folder(run, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (run / "interactions.npz").is_file():
+        np.savez(run / "interactions.npz", offsets=np.array([0, 3]), item_index=np.zeros(3, np.int32))
+    trained_on = {"fingerprint": {"inputs": {"interactions.npz": file_digest(run / "interactions.npz")}}}
     ids = IDS + seed
     save_npy(folder / "rqvae" / "semantic_ids.npy", ids)
     for name, value, model in (("decoder", tiger, "tiger"), ("decoder_random_ids", tiger / 2, "tiger_random_ids")):
         save_json(folder / name / "metrics.json", {
             "model": model, "n_test_users": n_users, "valid": metrics(value), "test": metrics(value),
             "semantic_ids": "random" if "random" in name else str(folder / "rqvae"),
-            "semantic_ids_sha1": semantic_ids_digest(ids)})
+            "semantic_ids_sha1": semantic_ids_digest(ids), **trained_on})
     save_json(folder / "baselines" / "sasrec" / "metrics.json",
-              {"n_test_users": n_users, "valid": metrics(sasrec), "test": metrics(sasrec)})
+              {"n_test_users": n_users, "valid": metrics(sasrec), "test": metrics(sasrec), **trained_on})
     if seed == 0:
         save_json(folder / "baselines" / "popularity" / "metrics.json",
-                  {"n_test_users": n_users, "valid": metrics(0.01), "test": metrics(0.01)})
+                  {"n_test_users": n_users, "valid": metrics(0.01), "test": metrics(0.01), **trained_on})
 
 
 def test_mean_and_sample_std_over_seeds(tmp_path):
@@ -45,6 +49,14 @@ def test_mean_and_sample_std_over_seeds(tmp_path):
     assert tiger["test nll"]["mean"] == pytest.approx(7.8)
     assert summary["models"]["popularity"]["seeds"] == [0]      # no seed: one value
     assert summary["tiger_over_sasrec_ndcg@10"]["mean"] == pytest.approx(0.5)
+    # Another decoder folder per seed (say the long preset): collected under its own name.
+    for seed in (0, 1, 2):
+        folder = seed_folder(run, seed)
+        (folder / "decoder_long").mkdir()
+        (folder / "decoder_long" / "metrics.json").write_text((folder / "decoder" / "metrics.json").read_text())
+    summary = summarise_run(run, [0, 1, 2], {"tiger_long": "decoder_long"})
+    assert summary["models"]["tiger_long"]["ndcg@10"] == summary["models"]["tiger"]["ndcg@10"]
+    assert "tiger_long test ndcg@10 as a fraction" in (run / "seeds.md").read_text()
     table = (run / "seeds.md").read_text()
     assert "| tiger | 0.2000 ± 0.1000 | 0.2000 ± 0.1000 | 0.1000 ± 0.0500 |" in table
     assert json.loads((run / "seeds.json").read_text()) == json.loads(json.dumps(summary))
