@@ -24,7 +24,6 @@ import sys, pathlib
 sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, so `experiments`/`modules` import
 
 import argparse
-import json
 import logging
 import os
 import shlex

@@ -50,7 +50,22 @@ def train_seconds(model: SASRec, optimizer: torch.optim.Optimizer, windows: np.n
     return time.perf_counter() - started
 
 
-def main(argv=None) -> dict:
+def preset(config: str, batch: int | None = None, max_len: int | None = None) -> dict:
+    """The model config, batch size and AdamW settings bound in the gin file `config` (batch, max_len override)."""
+    gin.clear_config()
+    gin.parse_config_file(config)
+    try:
+        model_config = baselines.sasrec_model_config()
+        if max_len is not None:
+            model_config["max_len"] = max_len
+        return {"model": model_config, "batch": batch or gin.query_parameter("train_sasrec.batch_size"),
+                "learning_rate": gin.query_parameter("train_sasrec.learning_rate"),
+                "weight_decay": gin.query_parameter("train_sasrec.weight_decay")}
+    finally:
+        gin.clear_config()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default=str(REPO / "configs" / "sasrec_ml25m.gin"),
@@ -62,6 +77,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (CUDA kernels, allocator)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", help="also write the figures to this JSON file")
+    return parser
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}.")
@@ -70,16 +90,12 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch.cuda.is_available() is False; pass --device cpu.")
 
-    gin.clear_config()
-    gin.parse_config_file(args.config)
-    model_config = baselines.sasrec_model_config()
-    if args.max_len is not None:
-        model_config["max_len"] = args.max_len
-    batch = args.batch or gin.query_parameter("train_sasrec.batch_size")
+    settings = preset(args.config, args.batch, args.max_len)
+    model_config, batch = settings["model"], settings["batch"]
     torch.manual_seed(0)
     model = SASRec(n_items=args.items, **model_config).to(device)
-    optimizer = baselines._make_optimizer(model, gin.query_parameter("train_sasrec.learning_rate"),
-                                          gin.query_parameter("train_sasrec.weight_decay"))
+    # The optimiser of train_sasrec (weight decay on matrices and embeddings only).
+    optimizer = baselines._make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
     width = model_config["max_len"] + 1  # input window[:, :-1], target window[:, 1:]
     if args.warmup:
         train_seconds(model, optimizer, synthetic_windows(args.warmup * batch, width, args.items, 1), batch, device)

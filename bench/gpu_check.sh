@@ -4,7 +4,7 @@
 #   bench/gpu_check.sh OUT_DIR
 #
 # Needs one CUDA GPU visible to torch; without one it exits 2 before writing anything. Each step runs
-# under its own `timeout` (budget below, ~7 min in all with the kill grace) and writes into OUT_DIR:
+# under its own `timeout` (budget below: at most ~7.6 min in all) and writes into OUT_DIR:
 #   env.txt, env.json        nvidia-smi, torch / CUDA versions, GPU name
 #   tests.txt                pytest -q tests/test_cuda.py tests/test_beam_search.py tests/test_tiger.py
 #   tiger.json               bench/bench_decoder.py: TIGER training examples/s, beam-search users/s
@@ -76,15 +76,21 @@ rm -f "$OUT"/{steps.tsv,env.txt,env.json,tests.txt,tiger.json,sasrec.json,rqvae.
 FAILED=()
 echo "gpu_check: $probe; python $PY; writing into $OUT" >&2
 
-# run_step NAME LIMIT_S STDOUT_FILE COMMAND...: run COMMAND under `timeout`, stdout to STDOUT_FILE, stderr to
-# OUT/NAME.log; record name, exit code, seconds, limit and command in steps.tsv. Never stops the script.
+# run_step NAME LIMIT_S STDOUT_FILE COMMAND...: run COMMAND under `timeout`, stdout to STDOUT_FILE (- : into the
+# log too), stderr to OUT/NAME.log; record name, exit code, seconds, limit and command (OUT_DIR standing for
+# the folder) in steps.tsv. Never stops the script.
 run_step() {
     local name=$1 limit=$2 stdout=$3
     shift 3
-    local started=$SECONDS rc=0
+    local started=$SECONDS rc=0 log="$OUT/$name.log"
     echo "gpu_check: step $name (limit ${limit} s): $*" >&2
-    timeout --kill-after=5 "$limit" "$@" > "$stdout" 2> "$OUT/$name.log" || rc=$?
+    if [[ "$stdout" == "-" ]]; then
+        timeout --kill-after=5 "$limit" "$@" > "$log" 2>&1 || rc=$?
+    else
+        timeout --kill-after=5 "$limit" "$@" > "$stdout" 2> "$log" || rc=$?
+    fi
     local command="$*"
+    command=${command//"$OUT"/OUT_DIR}
     command=${command//[$'\t\n']/ }  # one line per step in steps.tsv
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - started))" "$limit" "$command" >> "$OUT/steps.tsv"
     if [[ $rc -ne 0 ]]; then
@@ -94,23 +100,28 @@ run_step() {
         else
             echo "gpu_check: step $name FAILED (exit $rc); see $OUT/$name.log" >&2
         fi
+        tail -n 8 "$log" | sed "s/^/    $name: /" >&2
     fi
 }
 
-# ---- 2. The steps. Budget on one H200 (each limit + 5 s kill grace): 15 + 100 + 90 + 60 + 45 + 75 s
-# = 385 s, + 30 s grace, + the probe and the report: ~7 min worst case, under the 8 minutes asked for.
+# ---- 2. The steps. Time limits (each + 5 s kill grace): env 15, tests 100, TIGER 90, SASRec 60, RQ-VAE 45,
+# posters 75 = 385 s, + 30 s grace + the report's 30 s + the probe's ~10 s = ~455 s (7.6 min) if every step
+# ran to its limit; each limit is several times the step's expected time on an H200.
+# Sizes: ML-25M's 62,423 items everywhere; TIGER preset batch 256, beam 20 / top-10 over 1,024 users per call;
+# SASRec as configs/sasrec_ml25m.gin (batch 128 x 200, full softmax); RQ-VAE on the 1,294-wide fused ML-25M
+# features (bench/results/rqvae.md), batch 1,024; posters 224 px, batch 128, 8 decoding workers.
 run_step env 15 "$OUT/env.txt" \
     bash -c 'nvidia-smi && echo && "$0" bench/gpu_check_report.py --write-env "$1"' "$PY" "$OUT/env.json"
 run_step tests 100 "$OUT/tests.txt" \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_beam_search.py tests/test_tiger.py
-run_step tiger 90 "$OUT/tiger.log" \
+run_step tiger 90 - \
     "$PY" bench/bench_decoder.py --device cuda --items 62423 --batch 256 --steps 20 --eval-batch 1024 \
     --eval-repeats 3 --out "$OUT/tiger.json"
-run_step sasrec 60 "$OUT/sasrec.log" \
+run_step sasrec 60 - \
     "$PY" bench/bench_sasrec.py --device cuda --steps 30 --warmup 3 --out "$OUT/sasrec.json"
 run_step rqvae 45 "$OUT/rqvae.json" \
-    "$PY" bench/bench_rqvae.py train --device cuda --items 62423 --features 540 --steps 300
-run_step posters 75 "$OUT/posters.log" \
+    "$PY" bench/bench_rqvae.py train --device cuda --items 62423 --features 1294 --steps 300
+run_step posters 75 - \
     "$PY" bench/bench_poster_features.py --device cuda --synthetic 512 --backbones efficientnet_lite0,resnet50 \
     --weights none --batch-size 128 --workers 8 --repeats 2 --out "$OUT/posters.md" --json "$OUT/posters.json"
 

@@ -32,8 +32,9 @@ def _tests(summary: str) -> list[tuple]:
 
 
 def _tiger(r: dict) -> list[tuple]:
+    precision = "bf16 autocast" if r["device"].startswith("cuda") else "float32"  # as bench_decoder.py runs
     return [(f"TIGER training (TIGER preset, {r['parameters_m']:.2f}M params, batch {r['train_batch']}, "
-             f"{r['items']:,} items, bf16 autocast)", r["train_examples_per_s"], "examples/s"),
+             f"{r['items']:,} items, {precision})", r["train_examples_per_s"], "examples/s"),
             (f"TIGER constrained beam search (beam {r['beam']} / top-{r['top_k']}, {r['eval_batch']} users per "
              f"call, {r['items']:,} items, KV cache)", r["beam_users_per_s"], "users/s"),
             ("TIGER beam search without the KV cache", r["beam_users_per_s_without_cache"], "users/s"),
@@ -189,10 +190,13 @@ def render_markdown(report: dict) -> str:
     times = ", ".join(f"{name} {entry['seconds']} s" + ("" if entry["status"] == "ok" else " (failed)")
                       for name, entry in report["steps"].items() if entry["seconds"] is not None)
     lines = ["# GPU check (bench/gpu_check.sh)", "", f"GPU: {gpu}.", f"Result: {verdict}.",
-             f"Step wall times: {times or 'none'}.", "",
+             f"Step wall times: {times or 'none'}. OUT_DIR: `{report['out_dir']}`.", "",
              "| measurement | value | unit | command |", "|---|---:|---|---|"]
+    previous = None
     for row in report["measurements"]:
-        command = f"`{row['command']}`" if row["command"] else ""
+        command = "same" if row["command"] and row["command"] == previous else (
+            f"`{row['command']}`" if row["command"] else "")
+        previous = row["command"]
         lines.append(f"| {row['measurement']} | {_format_value(row['value'])} | {row['unit']} | {command} |")
     return "\n".join(lines) + "\n"
 

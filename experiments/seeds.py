@@ -137,7 +137,9 @@ def summarise(results: dict[str, dict[int, dict]]) -> dict:
 def markdown(summary: dict, run: Path) -> str:
     """RUN/seeds.md: model x metric, mean ± std over seeds."""
     def cell(stat: dict | None) -> str:
-        return "-" if stat is None else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+        if stat is None:
+            return "-"
+        return f"{stat['mean']:.4f}" if len(stat["values"]) == 1 else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
 
     columns = ["recall@10", "ndcg@10", "untied recall@10", "untied ndcg@10", "valid ndcg@10", "test nll"]
     models = summary["models"]

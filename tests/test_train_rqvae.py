@@ -136,23 +136,8 @@ def test_finished_run_is_skipped_and_an_interrupted_one_resumes(fused_run, monke
     assert [r["total_loss"] for r in uninterrupted_log] == [r["total_loss"] for r in resumed_log]
 
 
-def test_resuming_with_another_config_is_an_error(fused_run, monkeypatch):
-    real_step = train_rqvae.train_step
-
-    def dying_step(model, optimizer, batch, reset_dead, generator):
-        if len(list((fused_run / "rqvae").glob("checkpoint.pt"))):
-            raise KeyboardInterrupt
-        return real_step(model, optimizer, batch, reset_dead, generator)
-
-    monkeypatch.setattr(train_rqvae, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(fused_run, iterations=4)
-    monkeypatch.setattr(train_rqvae, "train_step", real_step)
-    with pytest.raises(ArtifactError, match="--overwrite"):
-        run_training(fused_run, ["train_rqvae.learning_rate = 0.01"], iterations=4, overwrite=False)
-
-
-def test_resuming_on_other_features_is_an_error(fused_run, tmp_path, monkeypatch):
+def kill_after_first_checkpoint(fused_run: Path, monkeypatch) -> None:
+    """Train until the first checkpoint is written, then die as a killed run would."""
     real_step = train_rqvae.train_step
 
     def dying_step(model, optimizer, batch, reset_dead, generator):
@@ -164,6 +149,16 @@ def test_resuming_on_other_features_is_an_error(fused_run, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run_training(fused_run, iterations=4)
     monkeypatch.setattr(train_rqvae, "train_step", real_step)
+
+
+def test_resuming_with_another_config_is_an_error(fused_run, monkeypatch):
+    kill_after_first_checkpoint(fused_run, monkeypatch)
+    with pytest.raises(ArtifactError, match="--overwrite"):
+        run_training(fused_run, ["train_rqvae.learning_rate = 0.01"], iterations=4, overwrite=False)
+
+
+def test_resuming_on_other_features_is_an_error(fused_run, tmp_path, monkeypatch):
+    kill_after_first_checkpoint(fused_run, monkeypatch)
     fuse_again_with_other_weights(fused_run, tmp_path)
     with pytest.raises(ArtifactError, match="the input files changed.*--overwrite"):
         run_training(fused_run, iterations=4, overwrite=False)
