@@ -56,34 +56,44 @@ class StepReport:
 # Pure comparisons (arrays and dicts in, numbers out)
 # ----------------------------------------------------------------------------------------------------
 
-def array_difference(a: np.ndarray, b: np.ndarray) -> dict:
+def array_difference(a: np.ndarray, b: np.ndarray, rows_per_block: int = 4096) -> dict:
     """How far two float arrays of one shape are apart; NaN where both are NaN counts as equal.
 
-    Returns identical (bit-identical, NaN positions included), nan_mismatch (positions NaN in one only),
-    max_abs, max_rel (|a-b| / |a| over elements with |a| >= 1e-3 * max|a|, so that values near 0 do not
-    dominate), rel_l2 (||a-b|| / ||a|| over finite elements), frac_elements (share of elements that
-    differ) and rows_differ (rows, i.e. items, with any difference; for 2-d arrays).
+    Returns identical (same dtype and the same bytes), nan_mismatch (positions NaN in one only), max_abs,
+    max_rel (|a-b| / |a| over elements with |a| >= 1e-3 * max|a|, so that values near 0 do not dominate),
+    rel_l2 (||a-b|| / ||a|| over elements finite in both), frac_elements (share of elements that differ) and
+    rows_differ (rows, i.e. items, with any difference). Works through `rows_per_block` rows at a time, so a
+    memory-mapped ML-25M feature file is never copied whole into float64.
     """
-    a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} against {b.shape}")
-    nan_a, nan_b = np.isnan(a), np.isnan(b)
-    both = ~(nan_a | nan_b)
-    diff = np.zeros(a.shape, dtype=np.float64)
-    diff[both] = np.abs(a[both].astype(np.float64) - b[both].astype(np.float64))
-    differs = (diff > 0) | (nan_a != nan_b)
-    magnitude = np.where(both, np.abs(a.astype(np.float64)), 0.0)
-    big = both & (magnitude >= 1e-3 * magnitude.max()) & (magnitude > 0) if magnitude.size else both
-    norm = float(np.sqrt((magnitude ** 2).sum()))
-    return {
-        "identical": bool(a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)),
-        "nan_mismatch": int((nan_a != nan_b).sum()),
-        "max_abs": float(diff.max()) if diff.size else 0.0,
-        "max_rel": float((diff[big] / magnitude[big]).max()) if big.any() else 0.0,
-        "rel_l2": float(np.sqrt((diff ** 2).sum()) / norm) if norm > 0 else float(diff.any()),
-        "frac_elements": float(differs.mean()) if differs.size else 0.0,
-        "rows_differ": int(differs.reshape(len(a), -1).any(1).sum()) if a.ndim >= 2 else int(differs.sum()),
-    }
+    blocks = [slice(start, start + rows_per_block) for start in range(0, max(len(a), 1), rows_per_block)]
+    scale = max((float(np.nanmax(np.abs(a[s]), initial=0.0)) for s in blocks if a[s].size), default=0.0)
+    totals = dict(identical=a.dtype == b.dtype, nan_mismatch=0, max_abs=0.0, max_rel=0.0, squared_diff=0.0,
+                  squared_norm=0.0, differing=0, rows_differ=0)
+    for s in blocks:
+        block_a, block_b = np.asarray(a[s]), np.asarray(b[s])
+        totals["identical"] = totals["identical"] and block_a.tobytes() == block_b.tobytes()
+        nan_a, nan_b = np.isnan(block_a), np.isnan(block_b)
+        both = ~(nan_a | nan_b)
+        diff = np.zeros(block_a.shape, dtype=np.float64)
+        diff[both] = np.abs(block_a[both].astype(np.float64) - block_b[both].astype(np.float64))
+        magnitude = np.where(both, np.abs(block_a.astype(np.float64)), 0.0)
+        big = both & (magnitude >= 1e-3 * scale) & (magnitude > 0)
+        differs = (diff > 0) | (nan_a != nan_b)
+        totals["nan_mismatch"] += int((nan_a != nan_b).sum())
+        totals["max_abs"] = max(totals["max_abs"], float(diff.max(initial=0.0)))
+        totals["max_rel"] = max(totals["max_rel"], float((diff[big] / magnitude[big]).max(initial=0.0)))
+        totals["squared_diff"] += float((diff ** 2).sum())
+        totals["squared_norm"] += float((magnitude ** 2).sum())
+        totals["differing"] += int(differs.sum())
+        totals["rows_differ"] += int(differs.reshape(len(block_a), -1).any(1).sum()) if block_a.ndim >= 2 \
+            else int(differs.sum())
+    norm = np.sqrt(totals["squared_norm"])
+    return {"identical": bool(totals["identical"]), "nan_mismatch": totals["nan_mismatch"],
+            "max_abs": totals["max_abs"], "max_rel": totals["max_rel"],
+            "rel_l2": float(np.sqrt(totals["squared_diff"]) / norm) if norm > 0 else float(totals["squared_diff"] > 0),
+            "frac_elements": totals["differing"] / a.size if a.size else 0.0, "rows_differ": totals["rows_differ"]}
 
 
 def adjusted_rand_index(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
@@ -223,7 +233,7 @@ def compare_per_item_array(step: str, run_a: Path, run_b: Path, folder: str, pro
     b = np.load(run_b / folder / "features.npy", mmap_mode="r")
     if a.shape != b.shape:
         return StepReport(step, "incomparable", [f"{folder}/features.npy is {a.shape} in A, {b.shape} in B"])
-    diff = array_difference(np.asarray(a), np.asarray(b))
+    diff = array_difference(a, b)
     lines, numbers = [f"{folder}/features.npy {a.shape}: {_format_array(diff, len(a))}"], {"features": diff}
     same = diff["identical"]
     for name in extra:

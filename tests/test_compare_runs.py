@@ -166,3 +166,13 @@ def test_differences_exit_with_1_and_the_json_report_is_written(twin_runs, tmp_p
     saved = {r["step"]: r for r in json.loads(out.read_text())}
     assert saved["baselines"]["status"] == "different"
     assert saved["baselines"]["numbers"]["sasrec"]["test/ndcg@10"][2] == pytest.approx(0.0047)
+
+
+def test_block_by_block_comparison_equals_the_whole_array_at_once():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(10, 4)).astype(np.float32)
+    a[2] = np.nan
+    b = a + rng.normal(scale=1e-6, size=a.shape).astype(np.float32) * (rng.random(a.shape) < 0.3)
+    whole, blocks = cr.array_difference(a, b, rows_per_block=100), cr.array_difference(a, b, rows_per_block=3)
+    assert whole == pytest.approx(blocks)
+    assert not whole["identical"] and whole["nan_mismatch"] == 0 and 0 < whole["frac_elements"] < 0.5
