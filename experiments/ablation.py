@@ -50,16 +50,17 @@ def feature_sets(data_dir: Path, with_text: bool = False) -> dict[str, FeatureSe
     )}
 
 
-def _run(cmd: list[str]) -> None:
+def run_script(cmd: list[str]) -> None:
+    """Run one pipeline script from the repository root, logged; a failure raises CalledProcessError."""
     log.info("$ %s", " ".join(cmd))
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
 def fuse_set(run: Path, data: Path, poster_features: Path, out: Path, fset: FeatureSet, rqvae_config: str) -> None:
     """The fused item features of one feature set (skipped when already written)."""
-    _run([sys.executable, "experiments/05_fuse_item_features.py", rqvae_config, "--run", str(run), "--data", str(data),
-          "--posters-features", str(poster_features), "--blocks", ",".join(fset.blocks),
-          "--out", str(out / fset.name / "item_features")])
+    run_script([sys.executable, "experiments/05_fuse_item_features.py", rqvae_config, "--run", str(run),
+                "--data", str(data), "--posters-features", str(poster_features), "--blocks", ",".join(fset.blocks),
+                "--out", str(out / fset.name / "item_features")])
 
 
 def run_cell(run: Path, out: Path, fset: FeatureSet, seed: int, rqvae_config: str, decoder_config: str,
@@ -70,11 +71,12 @@ def run_cell(run: Path, out: Path, fset: FeatureSet, seed: int, rqvae_config: st
     """
     py = sys.executable
     cell = out / fset.name / f"seed{seed}"
-    _run([py, "train_rqvae.py", rqvae_config, "--run", str(run), "--features", str(out / fset.name / "item_features"),
-          "--out", str(cell / "rqvae"), "--gin_param", f"train_rqvae.seed = {seed}"])
-    _run([py, "train_decoder.py", decoder_config, "--run", str(run), "--semantic-ids", str(cell / "rqvae"),
-          "--out", str(cell / "decoder"), "--gin_param", f"train_decoder.seed = {seed}"]
-         + (["--threads", str(threads)] if threads else []))
+    run_script([py, "train_rqvae.py", rqvae_config, "--run", str(run),
+                "--features", str(out / fset.name / "item_features"), "--out", str(cell / "rqvae"),
+                "--gin_param", f"train_rqvae.seed = {seed}"])
+    run_script([py, "train_decoder.py", decoder_config, "--run", str(run), "--semantic-ids", str(cell / "rqvae"),
+                "--out", str(cell / "decoder"), "--gin_param", f"train_decoder.seed = {seed}"]
+               + (["--threads", str(threads)] if threads else []))
     return load_json(cell / "decoder" / "metrics.json", "train_decoder.py")
 
 

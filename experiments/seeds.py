@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.ablation import run_script
 from experiments.artifacts import ArtifactError, load_json, save_json, save_text
 from experiments.baselines import METRIC_NAMES, check_result_is_current
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 # model name -> metrics.json inside a seed folder
 SOURCES = {"tiger": "decoder/metrics.json", "tiger_random_ids": "decoder_random_ids/metrics.json",
            "sasrec": "baselines/sasrec/metrics.json", "popularity": "baselines/popularity/metrics.json"}
@@ -34,11 +34,6 @@ SOURCES = {"tiger": "decoder/metrics.json", "tiger_random_ids": "decoder_random_
 def seed_folder(run: Path, seed: int) -> Path:
     """Where seed `seed` of the run keeps its models: the run itself for 0, RUN/seed<s> otherwise."""
     return Path(run) if seed == 0 else Path(run) / f"seed{seed}"
-
-
-def _run(cmd: list[str]) -> None:
-    log.info("$ %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, cwd=REPO)
 
 
 def train_seeds(run: Path, seeds: list[int], rqvae_config: str, decoder_config: str, sasrec_config: str,
@@ -53,7 +48,7 @@ def train_seeds(run: Path, seeds: list[int], rqvae_config: str, decoder_config: 
     tasks = []
     for seed in (s for s in seeds if s != 0):
         folder = seed_folder(run, seed)
-        _run([py, "train_rqvae.py", rqvae_config, "--run", str(run), "--features", str(run / "item_features"),
+        run_script([py, "train_rqvae.py", rqvae_config, "--run", str(run), "--features", str(run / "item_features"),
               "--out", str(folder / "rqvae"), "--gin_param", f"train_rqvae.seed = {seed}"])
         decoder = [py, "train_decoder.py", decoder_config, "--run", str(run), "--semantic-ids", str(folder / "rqvae"),
                    "--gin_param", f"train_decoder.seed = {seed}"] + thread_flag
@@ -63,7 +58,7 @@ def train_seeds(run: Path, seeds: list[int], rqvae_config: str, decoder_config: 
                    "--sasrec-config", sasrec_config, "--out", str(folder / "baselines"),
                    "--gin_param", f"train_sasrec.seed = {seed}"] + thread_flag]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(_run, task) for task in tasks]
+        futures = [pool.submit(run_script, task) for task in tasks]
         for future in futures:
             try:
                 future.result()
@@ -156,7 +151,8 @@ def markdown(summary: dict, run: Path) -> str:
     lines.append("")
     for key, ratio in summary.items():
         if key.endswith("_over_sasrec_ndcg@10"):
-            lines.append(f"- {key.split('_over_')[0]} test ndcg@10 as a fraction of SASRec's (same seed): {cell(ratio)}")
+            model = key.split("_over_")[0]
+            lines.append(f"- {model} test ndcg@10 as a fraction of SASRec's (same seed): {cell(ratio)}")
     return "\n".join(lines) + "\n"
 
 

@@ -51,7 +51,7 @@ def test_runner_fuses_each_set_once_before_the_cells_and_runs_seed_by_seed(tmp_p
             test = {"recall@5": 0.1, "recall@10": 0.2 + seed / 100, "ndcg@5": 0.05, "ndcg@10": 0.07}
             (out / "metrics.json").write_text(json.dumps({"n_test_users": 9, "test": test}))
 
-    monkeypatch.setattr(ablation, "_run", fake_run)
+    monkeypatch.setattr(ablation, "run_script", fake_run)
     summary = run_ablation(tmp_path / "run", tmp_path, tmp_path / "pf", ["genres_year", "all"], [0, 1],
                            "r.gin", "d.gin", out=tmp_path / "abl", jobs=2)
     scripts = [c[1] for c in commands]
@@ -83,7 +83,7 @@ def test_a_failed_cell_stops_the_ablation_before_any_queued_cell(tmp_path, monke
             decoders.append(cmd)
             raise subprocess.CalledProcessError(1, cmd)
 
-    monkeypatch.setattr(ablation, "_run", fake_run)
+    monkeypatch.setattr(ablation, "run_script", fake_run)
     with pytest.raises(subprocess.CalledProcessError):
         run_ablation(tmp_path / "run", tmp_path, tmp_path / "pf", ["genres_year", "all"], [0, 1, 2], "r.gin", "d.gin",
                      out=tmp_path / "abl", jobs=1)
