@@ -6,6 +6,7 @@
 #                 [JOBS=2] trains up to JOBS models at once (SASRec beside the poster features, the two TIGERs
 #                 side by side; 1 torch thread each unless THREADS=n); JOBS=1 runs the steps one after another.
 #                 PRESET=ml25m defaults to JOBS=1: SASRec alone needs ~20 GB of GPU memory there.
+#   make scale-check [SCALE_WORK=/tmp/scale_check]  every step at ML-25M size, tiny iteration counts (BENCHMARKS.md)
 #   make seeds    (same variables) [SEEDS=0,1,2] every model of a finished pipeline run over seeds -> RUN/seeds.md
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -33,7 +34,7 @@ THREADS ?= $(if $(filter 1,$(JOBS)),,1)
 THREADS_FLAG = $(if $(THREADS),--threads $(THREADS))
 
 .PHONY: venv test demo prepare features pipeline pipeline-models rqvae tiger tiger-random sasrec seeds ablation \
-        posters-check clean-demo
+        posters-check clean-demo scale-check
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -102,6 +103,11 @@ demo: venv
 	$(MAKE) --no-print-directory pipeline DATA=dataset/demo RUN=runs/demo PRESET=demo IMAGE_SIZE=128
 	$(MAKE) --no-print-directory ablation DATA=dataset/demo RUN=runs/demo PRESET=demo IMAGE_SIZE=128 \
 	  SETS=text,all SEEDS=0,1
+
+# Every step at ML-25M size with tiny iteration counts: wall time, peak RSS, projections (bench/scale_check.py)
+SCALE_WORK ?= /tmp/scale_check
+scale-check: venv
+	$(PY) bench/scale_check.py --work $(SCALE_WORK)
 
 clean-demo:
 	rm -rf dataset/demo runs/demo

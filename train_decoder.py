@@ -46,9 +46,16 @@ from modules.sequences import (Vocabulary, check_semantic_ids, encode_histories,
                                user_of_positions, window_targets)
 from modules.split import leave_one_out, tied_with_previous
 from modules.tiger import Tiger
+from modules.tiger_lm import TigerItemLM, TigerLM
 
 log = logging.getLogger("train_decoder")
 ConfiguredTiger = gin.external_configurable(Tiger, name="Tiger")
+ConfiguredTigerLM = gin.external_configurable(TigerLM, name="TigerLM")
+ConfiguredTigerItemLM = gin.external_configurable(TigerItemLM, name="TigerItemLM")
+# train_decoder.architecture: the paper's encoder-decoder (gin `Tiger.*`), the decoder-only token stream
+# (`TigerLM.*`), or the decoder-only item stream with a per-item code head (`TigerItemLM.*`).
+ARCHITECTURES = {"encoder_decoder": ConfiguredTiger, "decoder_only": ConfiguredTigerLM,
+                 "item_stream": ConfiguredTigerItemLM}
 RQVAE_SCRIPT = "train_rqvae.py (pipeline step 6)"
 CHECKPOINT_FILE, BEST_FILE, METRICS_FILE = "checkpoint.pt", "best.pt", "metrics.json"
 MIN_HISTORY = 1  # a training target needs at least this many earlier events
@@ -458,15 +465,23 @@ def write_curves(path: Path, history: dict) -> None:
     artifacts.save_figure(path, fig, dpi=100)
 
 
+def training_layout(report: dict) -> str:
+    """One sentence on the architecture and how a training window is used."""
+    if report.get("architecture") == "decoder_only":
+        return (f"decoder-only stream (TigerLM), the last {report['targets_per_window']} items of each window "
+                "trained in one causal pass.")
+    if report["targets_per_window"] == 1 and not report["causal_encoder"]:
+        return "the paper's (bidirectional encoder, one target per example)."
+    return f"causal encoder, up to {report['targets_per_window']} targets per encoder window."
+
+
 def results_markdown(report: dict) -> str:
     """A one-table markdown summary of metrics.json."""
     names = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
     lines = [f"# {report['model']} on {report['dataset']}", "",
              f"Leave-one-out, full-catalogue ranking, seen items excluded; beam {report['beam_width']}, "
              f"best validation {report['select_metric']} at step {report['best_step']}, {report['n_test_users']} test users.", "",
-             "Training layout: " + ("the paper's (bidirectional encoder, one target per example)."
-                                    if report["targets_per_window"] == 1 and not report["causal_encoder"] else
-                                    f"causal encoder, up to {report['targets_per_window']} targets per encoder window."),
+             "Training layout: " + training_layout(report),
              "",
              "| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for split in ("valid", "test"):
@@ -488,7 +503,8 @@ def results_markdown(report: dict) -> str:
 
 @gin.configurable("train_decoder", denylist=["run_dir", "semantic_ids_dir", "out_dir", "overwrite", "stop_at_step"])
 def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None = None, *,
-          dataset: str = gin.REQUIRED, iterations: int = gin.REQUIRED, batch_size: int = 256,
+          dataset: str = gin.REQUIRED, iterations: int = gin.REQUIRED, architecture: str = "encoder_decoder",
+          batch_size: int = 256,
           learning_rate: float = 3e-4, weight_decay: float = 0.035, warmup_steps: int = 1000,
           final_lr_fraction: float = 0.1, grad_clip: float = 1.0, max_history: int = 20,
           targets_per_window: int = 1, max_targets_per_user: int | None = None, n_user_buckets: int = 2000,
@@ -502,6 +518,8 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     out_dir (default RUN/decoder, or RUN/decoder_random_ids). batch_size is the global batch (all ranks)
     in windows; each window trains `targets_per_window` consecutive targets from one encoder pass
     (1 = the paper's one example per target; more needs Tiger.causal_encoder = True).
+    architecture: 'encoder_decoder' (modules.tiger, the paper's, sizes from gin `Tiger.*`) or 'decoder_only'
+    (modules.tiger_lm, one causal pass per window over its items' codes, sizes from `TigerLM.*`).
     max_targets_per_user: train only each user's most recent that many targets (None: all of them).
     select_metric: the validation metric that picks the checkpoint tested (SASRec's monitor is the same).
     stop_at_step stops after that many steps with a checkpoint (to test resuming); returns None then.
@@ -527,6 +545,8 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     if batch_size % runtime.world:
         raise ValueError(f"train_decoder.batch_size = {batch_size} must be divisible by the {runtime.world} ranks.")
 
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"train_decoder.architecture = {architecture!r}: use one of {sorted(ARCHITECTURES)}.")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed + runtime.rank)  # different dropout masks per rank, same initial weights below
@@ -534,7 +554,7 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
                      targets_per_window, max_targets_per_user)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ConfiguredTiger(vocab=data.vocab, max_history=max_history).to(runtime.device)
+        model = ARCHITECTURES[architecture](vocab=data.vocab, max_history=max_history).to(runtime.device)
     if not 1 <= targets_per_window <= max_history:
         raise ValueError(f"train_decoder.targets_per_window = {targets_per_window} must be in 1..max_history "
                          f"({max_history}): a window's targets are its last items.")
@@ -542,7 +562,7 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
         raise ValueError(f"train_decoder.targets_per_window = {targets_per_window} needs Tiger.causal_encoder = True "
                          "(a bidirectional encoder would show each target the window's later items); "
                          "set it in the gin config, or targets_per_window = 1.")
-    log.info("Tiger: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info("%s (%s): %.2fM parameters", type(model).__name__, architecture, sum(p.numel() for p in model.parameters()) / 1e6)
     # Resume only on the same config, IDs and input files.
     config = gin.config_str() + f"\n# semantic ids sha1 {data.ids_digest}\n# inputs {json.dumps(current['inputs'])}\n"
     if runtime.is_main:
@@ -591,6 +611,7 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     return finish(model, data, trie, runtime, eval_args, history, out_dir, dataset=dataset, random_ids=random_ids,
                   select_metric=select_metric, fingerprint=current, seed=seed,
                   iterations=iterations, semantic_ids_dir=semantic_ids_dir, causal_encoder=model.causal_encoder,
+                  architecture=architecture,
                   targets_per_window=targets_per_window, max_targets_per_user=max_targets_per_user)
 
 
@@ -675,6 +696,7 @@ def finish(model: Tiger, data: DecoderData, trie, runtime: Runtime, eval_args: d
               "beam_width": eval_args["beam_width"], "top_k": eval_args["top_k"],
               "semantic_ids": "random" if info["random_ids"] else str(info["semantic_ids_dir"]),
               "semantic_ids_sha1": data.ids_digest,
+              "architecture": info["architecture"],
               "causal_encoder": info["causal_encoder"], "targets_per_window": info["targets_per_window"],
               "max_targets_per_user": info["max_targets_per_user"], "fingerprint": info["fingerprint"]}
     log.info("test %s; unconstrained invalid-ID rate %.4f", format_metrics(test), invalid)

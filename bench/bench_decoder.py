@@ -3,6 +3,7 @@
     python bench/bench_decoder.py                      # TIGER preset, batch 256, beam 20 / top-10, CPU
     python bench/bench_decoder.py --device cuda --eval-batch 1024
     python bench/bench_decoder.py --targets-per-window 10   # causal encoder, 10 targets per encoder pass
+    python bench/bench_decoder.py --compare-hf              # side by side with Hugging Face T5 (pip install -r bench/requirements-hf.txt)
 
 Synthetic inputs of the real shapes: semantic IDs (256, 256, 256, 8) for --items items (default the
 9,742 of ml-latest-small), full 20-item histories, 50 seen items per user. Prints one markdown table
@@ -22,6 +23,7 @@ import torch
 from modules.beam_search import SemanticIdTrie, beam_search
 from modules.sequences import Vocabulary, random_semantic_ids, semantic_id_tokens
 from modules.tiger import Tiger
+from modules.tiger_lm import TigerLM
 
 CODEBOOK_SIZES = (256, 256, 256, 8)
 
@@ -59,10 +61,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--targets-per-window", type=int, default=1,
                         help="targets trained per encoder pass (>1: causal encoder, as train_decoder.targets_per_window)")
+    parser.add_argument("--architecture", choices=["encoder_decoder", "decoder_only"], default="encoder_decoder",
+                        help="decoder_only: TigerLM at the same sizes (8 layers), --targets-per-window items per causal pass")
     parser.add_argument("--beam-only", action="store_true", help="skip the training measurement")
     parser.add_argument("--out", help="also write the figures to this JSON file")
+    parser.add_argument("--compare-hf", action="store_true",
+                        help="time ours against transformers' T5ForConditionalGeneration at the same sizes (bench/compare_hf.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compare_hf:
+        from bench.compare_hf import compare
+        return compare(args)
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
@@ -71,7 +80,8 @@ def main() -> None:
     item_tokens = semantic_id_tokens(semantic_ids, vocab)
     windows = args.targets_per_window
     # The paper preset (the Tiger defaults), with the causal encoder when several targets share a window.
-    model = Tiger(vocab, max_history=20, causal_encoder=windows > 1).to(device)
+    model = (Tiger(vocab, max_history=20, causal_encoder=windows > 1) if args.architecture == "encoder_decoder"
+             else TigerLM(vocab, max_history=20)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     src = synthetic_inputs(vocab, item_tokens, args.batch, 20, rng).to(device)
     if windows == 1:
@@ -113,12 +123,13 @@ def main() -> None:
     results = {"device": str(device), "threads": args.threads, "load_average": os.getloadavg(),
                "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
                "train_examples_per_s": args.batch * windows / train_seconds, "train_batch": args.batch,
-               "targets_per_window": windows,
+               "targets_per_window": windows, "architecture": args.architecture,
                "beam_users_per_s": args.eval_batch * args.eval_repeats / beam_seconds,
                "beam_users_per_s_without_cache": args.eval_batch * args.eval_repeats / uncached_seconds,
                "cached_equals_uncached_items": same_items, "beam": args.beam, "top_k": args.top_k,
                "eval_batch": args.eval_batch, "items": args.items}
-    layout = "" if windows == 1 else f", causal encoder, {windows} targets per window"
+    layout = ("" if windows == 1 else f", causal encoder, {windows} targets per window") if args.architecture == "encoder_decoder" \
+        else f", decoder-only, {windows} targets per window"
     print(f"| TIGER preset train ({results['parameters_m']:.2f}M params, batch {args.batch}{layout}) | {args.device} "
           f"| {results['train_examples_per_s']:.0f} examples (targets)/s |")
     print(f"| constrained beam search, beam {args.beam} / top-{args.top_k}, {args.items} items, KV cache | "

@@ -74,9 +74,19 @@ def run_train(run: Path, out: Path, extra: str = "", **kwargs):
 
 
 WINDOWS = "Tiger.causal_encoder = True\ntrain_decoder.targets_per_window = 3\n"
+DECODER_ONLY = """train_decoder.architecture = 'decoder_only'
+train_decoder.targets_per_window = 4
+TigerLM.embed_dim = 16
+TigerLM.attn_dim = 16
+TigerLM.n_heads = 2
+TigerLM.mlp_dim = 32
+TigerLM.n_layers = 2
+"""
+ITEM_STREAM = DECODER_ONLY.replace("decoder_only", "item_stream").replace("TigerLM.", "TigerItemLM.")
 
 
-@pytest.mark.parametrize("extra", ["", WINDOWS], ids=["one_target", "windows_of_3"])
+@pytest.mark.parametrize("extra", ["", WINDOWS, DECODER_ONLY, ITEM_STREAM],
+                         ids=["one_target", "windows_of_3", "decoder_only", "item_stream"])
 def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, extra):
     run = make_run(tmp_path / "run")
     straight = run_train(run, tmp_path / "straight", extra)
@@ -270,6 +280,11 @@ def test_each_window_target_sees_exactly_the_items_before_it(tmp_path, cap):
     assert targets_seen == (per_user if cap is None else np.minimum(per_user, cap)).sum()
 
 
+def test_an_unknown_architecture_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="decoder_only"):
+        run_train(make_run(tmp_path / "run"), tmp_path / "out", "train_decoder.architecture = 'decoder'")
+
+
 def test_several_targets_per_window_need_the_causal_encoder(tmp_path):
     run = make_run(tmp_path / "run")
     with pytest.raises(ValueError, match="causal_encoder"):
@@ -296,8 +311,12 @@ def test_decoder_configs_parse_and_build_a_model(config, monkeypatch):
     try:
         gin.parse_config_file(str(config))
         assert gin.query_parameter("train_decoder.iterations") > 0
-        model = train_decoder.ConfiguredTiger(vocab=Vocabulary((256, 256, 256, 8), 2000), max_history=5)
-        assert model.src_length == 1 + 5 * 4 and len(model.encoder_layers) == len(model.decoder_layers)
+        architecture = gin.query_parameter("train_decoder.architecture") if "architecture" in gin.config_str() \
+            else "encoder_decoder"
+        model = train_decoder.ARCHITECTURES[architecture](vocab=Vocabulary((256, 256, 256, 8), 2000), max_history=5)
+        assert model.src_length == 1 + 5 * 4
+        if architecture == "encoder_decoder":
+            assert len(model.encoder_layers) == len(model.decoder_layers)
     finally:
         gin.clear_config()
 
@@ -360,15 +379,20 @@ def make_pattern_run(folder: Path, n_items: int = 40, n_users: int = 200, seed: 
     return folder
 
 
-def test_tiger_learns_a_deterministic_pattern_far_above_popularity(tmp_path):
+@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only", "item_stream"])
+def test_tiger_learns_a_deterministic_pattern_far_above_popularity(tmp_path, architecture):
     """A short training on a predictable next item: TIGER's test recall@10 is far above most popular's."""
     from experiments.baselines import evaluate_popularity
     run = make_pattern_run(tmp_path / "run")
+    model = {"encoder_decoder": "Tiger", "decoder_only": "TigerLM", "item_stream": "TigerItemLM"}[architecture]
     report = run_train(run, tmp_path / "out", "\n".join([
-        "Tiger.embed_dim = 32", "Tiger.attn_dim = 32", "Tiger.mlp_dim = 64", "Tiger.dropout = 0.0",
-        "Tiger.causal_encoder = True", "train_decoder.targets_per_window = 4", "train_decoder.max_history = 6",
+        f"train_decoder.architecture = '{architecture}'", "Tiger.causal_encoder = True",
+        f"{model}.embed_dim = 32", f"{model}.attn_dim = 32", f"{model}.mlp_dim = 64", f"{model}.dropout = 0.0",
+        f"{model}.n_heads = 2", f"{model}.n_layers = 2",
+        "train_decoder.targets_per_window = 4", "train_decoder.max_history = 6",
         "train_decoder.iterations = 150", "train_decoder.batch_size = 32", "train_decoder.learning_rate = 0.005",
         "train_decoder.warmup_steps = 10", "train_decoder.eval_every = 150", "train_decoder.eval_batch_size = 64"]))
+    assert report["architecture"] == architecture
     popularity = evaluate_popularity(run)
     assert popularity["test"]["recall@10"] < 0.45, popularity
     assert report["test"]["recall@10"] >= 0.9, report["test"]
