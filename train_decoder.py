@@ -468,8 +468,11 @@ def write_curves(path: Path, history: dict) -> None:
 def training_layout(report: dict) -> str:
     """One sentence on the architecture and how a training window is used."""
     if report.get("architecture") == "decoder_only":
-        return (f"decoder-only stream (TigerLM), the last {report['targets_per_window']} items of each window "
+        return (f"decoder-only token stream (TigerLM), the last {report['targets_per_window']} items of each window "
                 "trained in one causal pass.")
+    if report.get("architecture") == "item_stream":
+        return (f"decoder-only item stream with a code head (TigerItemLM), the last {report['targets_per_window']} "
+                "items of each window trained in one causal pass.")
     if report["targets_per_window"] == 1 and not report["causal_encoder"]:
         return "the paper's (bidirectional encoder, one target per example)."
     return f"causal encoder, up to {report['targets_per_window']} targets per encoder window."
@@ -518,8 +521,9 @@ def train(run_dir: str, semantic_ids_dir: str | None = None, out_dir: str | None
     out_dir (default RUN/decoder, or RUN/decoder_random_ids). batch_size is the global batch (all ranks)
     in windows; each window trains `targets_per_window` consecutive targets from one encoder pass
     (1 = the paper's one example per target; more needs Tiger.causal_encoder = True).
-    architecture: 'encoder_decoder' (modules.tiger, the paper's, sizes from gin `Tiger.*`) or 'decoder_only'
-    (modules.tiger_lm, one causal pass per window over its items' codes, sizes from `TigerLM.*`).
+    architecture: 'encoder_decoder' (modules.tiger, the paper's, sizes from gin `Tiger.*`), 'decoder_only'
+    (modules.tiger_lm.TigerLM, one causal pass per window over its items' code tokens, `TigerLM.*`) or
+    'item_stream' (modules.tiger_lm.TigerItemLM, one position per item and a code head, `TigerItemLM.*`).
     max_targets_per_user: train only each user's most recent that many targets (None: all of them).
     select_metric: the validation metric that picks the checkpoint tested (SASRec's monitor is the same).
     stop_at_step stops after that many steps with a checkpoint (to test resuming); returns None then.

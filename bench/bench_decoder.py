@@ -23,7 +23,7 @@ import torch
 from modules.beam_search import SemanticIdTrie, beam_search
 from modules.sequences import Vocabulary, random_semantic_ids, semantic_id_tokens
 from modules.tiger import Tiger
-from modules.tiger_lm import TigerLM
+from modules.tiger_lm import TigerItemLM, TigerLM
 
 CODEBOOK_SIZES = (256, 256, 256, 8)
 
@@ -61,8 +61,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--targets-per-window", type=int, default=1,
                         help="targets trained per encoder pass (>1: causal encoder, as train_decoder.targets_per_window)")
-    parser.add_argument("--architecture", choices=["encoder_decoder", "decoder_only"], default="encoder_decoder",
-                        help="decoder_only: TigerLM at the same sizes (8 layers), --targets-per-window items per causal pass")
+    parser.add_argument("--architecture", choices=["encoder_decoder", "decoder_only", "item_stream"], default="encoder_decoder",
+                        help="decoder_only / item_stream: TigerLM / TigerItemLM at the same sizes (8 layers), "
+                             "--targets-per-window items per causal pass")
     parser.add_argument("--beam-only", action="store_true", help="skip the training measurement")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     parser.add_argument("--compare-hf", action="store_true",
@@ -70,6 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.compare_hf:
+        if args.device != "cpu":
+            parser.error("--compare-hf measures on the CPU only (pass --device cpu): its figures are labelled cpu.")
         from bench.compare_hf import compare
         return compare(args)
     device = torch.device(args.device)
@@ -81,7 +84,8 @@ def main() -> None:
     windows = args.targets_per_window
     # The paper preset (the Tiger defaults), with the causal encoder when several targets share a window.
     model = (Tiger(vocab, max_history=20, causal_encoder=windows > 1) if args.architecture == "encoder_decoder"
-             else TigerLM(vocab, max_history=20)).to(device)
+             else TigerLM(vocab, max_history=20) if args.architecture == "decoder_only"
+             else TigerItemLM(vocab, max_history=20)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     src = synthetic_inputs(vocab, item_tokens, args.batch, 20, rng).to(device)
     if windows == 1:
@@ -129,7 +133,7 @@ def main() -> None:
                "cached_equals_uncached_items": same_items, "beam": args.beam, "top_k": args.top_k,
                "eval_batch": args.eval_batch, "items": args.items}
     layout = ("" if windows == 1 else f", causal encoder, {windows} targets per window") if args.architecture == "encoder_decoder" \
-        else f", decoder-only, {windows} targets per window"
+        else f", {args.architecture.replace('_', ' ')}, {windows} targets per window"
     print(f"| TIGER preset train ({results['parameters_m']:.2f}M params, batch {args.batch}{layout}) | {args.device} "
           f"| {results['train_examples_per_s']:.0f} examples (targets)/s |")
     print(f"| constrained beam search, beam {args.beam} / top-{args.top_k}, {args.items} items, KV cache | "

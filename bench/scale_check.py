@@ -12,8 +12,8 @@ presets (configs/*_ml25m.gin) and their real batch sizes:
     prepare   experiments/02_prepare_interactions.py
     fusion    experiments/05_fuse_item_features.py, blocks genres, year, tags, genome, poster
     rqvae     train_rqvae.py, --rqvae-steps steps (the preset trains 25,000)
-    tiger     --tiger-steps steps of train_decoder's training step (batch 256) and beam search of
-              --eval-users validation users
+    tiger     --tiger-steps steps of train_decoder's training step (the preset's layout and batch, 256) and
+              beam search of --eval-users validation users (the preset's eval batch)
     sasrec    --sasrec-steps steps of SASRec training (batch 128 windows of 201 items) and full-catalogue
               scoring of --eval-users users
     popularity  most-popular counts and rankings of every user
@@ -38,6 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 GIN = {name: str(REPO / "configs" / f"{name}_ml25m.gin") for name in ("rqvae", "decoder", "sasrec")}
 GENOME_TAGS, GENOME_MOVIES, TAG_ROWS, POSTER_DIM = 1128, 13_816, 1_093_360, 2048
+MARKER = "SCALE_CHECK_FIGURES "  # prefix of the one stdout line a step child reports its figures on
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -80,36 +81,42 @@ def step_tiger(run: Path, steps: int, eval_users: int) -> dict:
     import gin
     import torch
     import train_decoder
+    from experiments.decoder_diagnostics import gin_value
     gin.parse_config_files_and_bindings([GIN["decoder"]], [])
-    batch_size = gin.query_parameter("train_decoder.batch_size")
+    batch_size, eval_batch = gin_value("train_decoder.batch_size"), gin_value("train_decoder.eval_batch_size")
+    architecture, windows = gin_value("train_decoder.architecture"), gin_value("train_decoder.targets_per_window")
     started = time.perf_counter()
-    data = train_decoder.load_data(run, run / "rqvae", None, False, 0, gin.query_parameter("train_decoder.max_history"),
-                                   gin.query_parameter("train_decoder.n_user_buckets"), 1, None)
+    data = train_decoder.load_data(run, run / "rqvae", None, False, 0, gin_value("train_decoder.max_history"),
+                                   gin_value("train_decoder.n_user_buckets"), windows, gin_value("train_decoder.max_targets_per_user"))
     load_seconds = time.perf_counter() - started
-    model = train_decoder.ConfiguredTiger(vocab=data.vocab, max_history=data.max_history)
+    model = train_decoder.ARCHITECTURES[architecture](vocab=data.vocab, max_history=data.max_history)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     runtime = train_decoder.Runtime(device=torch.device("cpu"))
     order = train_decoder.DataOrder(len(data.train_positions), 0)
-    train_decoder.train_step(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), data,
-                             order.batch(0, batch_size), 1.0, runtime)  # warm-up
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    train_decoder.train_step(model, optimizer, scheduler, data, order.batch(0, batch_size), 1.0, runtime)  # warm-up
     started = time.perf_counter()
     for step in range(1, steps + 1):
         train_decoder.train_step(model, optimizer, scheduler, data, order.batch(step, batch_size), 1.0, runtime)
     step_seconds = (time.perf_counter() - started) / steps
     trie = train_decoder.SemanticIdTrie(torch.as_tensor(data.semantic_ids), data.vocab.codebook_sizes)
-    users = data.valid_pos[np.random.default_rng(0).choice(len(data.valid_pos), eval_users, replace=False)]
+    users = np.sort(data.valid_pos[np.random.default_rng(0).choice(len(data.valid_pos), eval_users, replace=False)])
     started = time.perf_counter()
-    train_decoder.evaluate(model, data, trie, np.sort(users), runtime, beam_width=gin.query_parameter("train_decoder.beam_width"),
-                           top_k=10, batch_size=min(256, eval_users), desc="eval")
+    train_decoder.evaluate(model, data, trie, users, runtime, beam_width=gin_value("train_decoder.beam_width"),
+                           top_k=gin_value("train_decoder.top_k"), batch_size=min(eval_batch, eval_users), desc="eval")
     eval_seconds = time.perf_counter() - started
-    iterations = gin.query_parameter("train_decoder.iterations")
-    n_users = len(data.valid_pos)
-    return {"load_seconds": load_seconds, "training_targets": len(data.train_positions), "batch": batch_size,
-            "seconds_per_step": step_seconds, "examples_per_s": batch_size / step_seconds,
-            "preset_steps": iterations, "projected_training_hours": iterations * step_seconds / 3600,
-            "eval_users_per_s": eval_users / eval_seconds,
-            "projected_eval_minutes_all_users": 2 * n_users / (eval_users / eval_seconds) / 60, "users": n_users}
+    iterations, n_users = gin_value("train_decoder.iterations"), len(data.valid_pos)
+    # Users beam-searched by the preset: every validation during training (a sample of valid_max_users), then
+    # valid, test and the unconstrained test pass of `finish` over all users.
+    sample = min(gin_value("train_decoder.valid_max_users") or n_users, n_users)
+    searched = iterations // gin_value("train_decoder.eval_every") * sample + 3 * n_users
+    rate = eval_users / eval_seconds
+    return {"architecture": architecture, "load_seconds": load_seconds, "training_windows": len(data.train_positions),
+            "batch": batch_size, "targets_per_window": windows, "seconds_per_step": step_seconds,
+            "windows_per_s": batch_size / step_seconds, "preset_steps": iterations,
+            "projected_training_hours": iterations * step_seconds / 3600, "eval_batch": min(eval_batch, eval_users),
+            "eval_users_per_s": rate, "users": n_users, "users_searched_by_preset": searched,
+            "projected_eval_hours": searched / rate / 3600}
 
 
 def step_sasrec(run: Path, steps: int, eval_users: int) -> dict:
@@ -168,7 +175,7 @@ def step_popularity(run: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Orchestration
 def run_child(name: str, args: list[str], log_dir: Path) -> dict:
-    """Run `python args` in a fresh process; its wall time, peak RSS (GiB, os.wait4) and last JSON line."""
+    """Run `python args` in a fresh process; its wall time, peak RSS (GiB, os.wait4) and reported figures."""
     log_path = log_dir / f"{name}.log"
     started = time.perf_counter()
     with open(log_path, "w") as log:
@@ -178,7 +185,7 @@ def run_child(name: str, args: list[str], log_dir: Path) -> dict:
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"scale check: step {name} failed (exit {os.waitstatus_to_exitcode(status)}); see {log_path}")
-    figures = next((json.loads(line) for line in reversed(out.splitlines()) if line.startswith("{")), {})
+    figures = next((json.loads(line[len(MARKER):]) for line in reversed(out.splitlines()) if line.startswith(MARKER)), {})
     return {"step": name, "wall_seconds": wall, "peak_rss_gib": usage.ru_maxrss / 2 ** 20} | figures
 
 
@@ -199,9 +206,10 @@ def describe(r: dict) -> tuple[str, str]:
         return (f"{r['steps']} steps, {r['items_per_s']:,.0f} items/s",
                 f"{r['preset_steps']:,} steps: {r['projected_hours']:.2f} h")
     if r["step"] == "tiger":
-        return (f"batch {r['batch']}: {r['examples_per_s']:.1f} examples/s; beam search {r['eval_users_per_s']:.1f} users/s",
-                f"{r['preset_steps']:,} steps: {r['projected_training_hours']:.0f} h; valid + test of all "
-                f"{r['users']:,} users: {r['projected_eval_minutes_all_users']:.0f} min")
+        return (f"{r['architecture']}, batch {r['batch']}: {r['windows_per_s']:.1f} windows/s; beam search "
+                f"{r['eval_users_per_s']:.1f} users/s (batch {r['eval_batch']})",
+                f"{r['preset_steps']:,} steps: {r['projected_training_hours']:.0f} h; the preset's "
+                f"{r['users_searched_by_preset']:,} beam-searched users: {r['projected_eval_hours']:.1f} h")
     if r["step"] == "sasrec":
         return (f"batch {r['batch']} x 200: {r['sequences_per_s']:.1f} sequences/s; scoring {r['eval_users_per_s']:.0f} users/s",
                 f"one epoch ({r['steps_per_epoch']:,} steps): {r['projected_epoch_hours']:.1f} h (preset: up to "
@@ -230,15 +238,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         figures = (step_tiger(run, args.tiger_steps, args.eval_users) if args.step == "tiger" else
                    step_sasrec(run, args.sasrec_steps, args.eval_users) if args.step == "sasrec" else step_popularity(run))
-        print(json.dumps(figures))
+        print(MARKER + json.dumps(figures))
         return
 
     from bench.bench_prepare import make_ml25m_like
     log_dir = args.work / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {"ratings": args.ratings, "users": args.users}
+    sizes_file = data / "scale_check_sizes.json"
+    if sizes_file.is_file() and json.loads(sizes_file.read_text()) != sizes:
+        raise SystemExit(f"{data} holds data of other sizes ({sizes_file.read_text().strip()}, asked {sizes}): "
+                         "pass another --work, or delete that folder.")
+    if (data / "ratings.csv").is_file() and not sizes_file.is_file():
+        raise SystemExit(f"{data}/ratings.csv exists without {sizes_file.name}: its sizes are unknown; pass another "
+                         "--work, or delete that folder.")
     load = [round(x, 2) for x in os.getloadavg()]
     print(f"scale check in {args.work}; load average {load}", flush=True)
     make_ml25m_like(data, args.ratings, args.users)
+    sizes_file.write_text(json.dumps(sizes) + "\n")
     threads = ["--threads", str(args.threads)]
     results = [run_child("prepare", ["experiments/02_prepare_interactions.py", "--data", str(data), "--run", str(run),
                                      "--overwrite"], log_dir)]
@@ -269,6 +286,7 @@ def main() -> None:
 def rqvae_throughput(run: Path, steps: int) -> dict:
     """Items/s of the RQ-VAE steps: the median of the per-window rates train_rqvae.py logs (log.jsonl)."""
     import gin
+    import train_rqvae  # registers the configurables the config binds
     gin.parse_config_files_and_bindings([GIN["rqvae"]], [])
     batch, preset = gin.query_parameter("train_rqvae.batch_size"), gin.query_parameter("train_rqvae.iterations")
     gin.clear_config()

@@ -63,7 +63,7 @@ def perturbed_inputs(src: np.ndarray, n_levels: int, seed: int = 0) -> dict[str,
     return dict(zip(PERTURBATIONS, (src, other_token, other_history, empty, shuffled_src)))
 
 
-def _gin_value(name: str):
+def gin_value(name: str):
     """A train_decoder parameter of the parsed config.gin, macro references (e.g. %HISTORY) evaluated.
 
     A parameter absent from it did not exist when the run was made: its current default applies (the
@@ -91,16 +91,17 @@ def load_trained(out_dir: Path) -> tuple[train_decoder.Tiger, train_decoder.Deco
     gin.clear_config()
     gin.parse_config(text)
     data = train_decoder.load_data(
-        Path(folders["run_dir"]), Path(folders["semantic_ids_dir"]), _gin_value("train_decoder.codebook_sizes"),
-        _gin_value("train_decoder.random_ids"), _gin_value("train_decoder.seed"),
-        _gin_value("train_decoder.max_history"), _gin_value("train_decoder.n_user_buckets"), _gin_value("train_decoder.targets_per_window"),
-        _gin_value("train_decoder.max_targets_per_user"))
+        Path(folders["run_dir"]), Path(folders["semantic_ids_dir"]), gin_value("train_decoder.codebook_sizes"),
+        gin_value("train_decoder.random_ids"), gin_value("train_decoder.seed"),
+        gin_value("train_decoder.max_history"), gin_value("train_decoder.n_user_buckets"), gin_value("train_decoder.targets_per_window"),
+        gin_value("train_decoder.max_targets_per_user"))
     trained_on = artifacts.load_json(out_dir / train_decoder.METRICS_FILE, "train_decoder.py").get("semantic_ids_sha1")
     if trained_on != data.ids_digest:
         raise artifacts.ArtifactError(
             f"{out_dir / train_decoder.METRICS_FILE}: semantic_ids_sha1 {trained_on} is not the digest "
             f"{data.ids_digest} of the IDs in {folders['semantic_ids_dir']} now (re-written since?): re-run train_decoder.py on them.")
-    model = train_decoder.ConfiguredTiger(vocab=data.vocab, max_history=data.max_history)
+    model = train_decoder.ARCHITECTURES[gin_value("train_decoder.architecture")](vocab=data.vocab,
+                                                                                 max_history=data.max_history)
     model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
     return model.eval(), data, Path(folders["run_dir"])
 
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     model, data, run_dir = load_trained(out_dir)
-    report = diagnose(model, data, args.split, args.beam_width or _gin_value("train_decoder.beam_width"))
+    report = diagnose(model, data, args.split, args.beam_width or gin_value("train_decoder.beam_width"))
     add_sasrec(report, run_dir)
     gin.clear_config()
     artifacts.save_json(out_dir / f"diagnostics_{args.split}.json", report)

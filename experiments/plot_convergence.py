@@ -57,9 +57,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     curves = {}
     for spec in args.runs:
-        label, sep, path = spec.partition("=")
+        label, sep, path = spec.rpartition("=")  # the last '=': labels may hold one ("H=20")
         if not sep:
             raise SystemExit(f"{spec!r}: write each run as LABEL=PATH.")
+        if not pathlib.Path(path).is_file():
+            raise SystemExit(f"{path}: no such log (run {label!r}); give the train.log of a train_decoder.py or "
+                             "experiments/07_train_baselines.py run.")
         curves[label] = read_curve(pathlib.Path(path))
 
     import matplotlib

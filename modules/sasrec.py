@@ -17,8 +17,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 PAD = 0
+# Above this many logits per batch (2**27 float32 = 512 MiB), the loss is computed in chunks of positions
+# whose logits are recomputed in the backward pass (`chunked_cross_entropy`): at ML-25M's preset
+# (128 windows x 200 positions x 62,423 items) the whole (positions x items) matrix, its softmax and their
+# gradients would need ~25 GB.
+MAX_LOSS_LOGITS = 2 ** 27
+
+
+def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          max_logits: int = MAX_LOSS_LOGITS) -> torch.Tensor:
+    """Mean cross-entropy of the scores hidden (n, D) @ weight (N, D).T against targets (n,), equal to
+    F.cross_entropy of the full (n, N) logits (tested), holding at most ~max_logits of them at a time.
+
+    Small batches take the direct path. Larger ones go chunk by chunk under activation checkpointing: each
+    chunk's logits are freed after its forward and recomputed in the backward (one extra matmul per chunk).
+    """
+    n, n_items = hidden.shape[0], weight.shape[0]
+    if n * n_items <= max_logits:
+        return F.cross_entropy((hidden @ weight.T).float(), targets)
+    rows = max(1, max_logits // n_items)
+    total = sum(checkpoint(_chunk_cross_entropy, hidden[lo:lo + rows], weight, targets[lo:lo + rows], use_reentrant=False)
+                for lo in range(0, n, rows))
+    return total / n
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,6 +151,7 @@ class SASRec(nn.Module):
             raise ValueError(f"n_items ({n_items}) and max_len ({max_len}) must be >= 1.")
         self.n_items = n_items
         self.max_len = max_len
+        self.max_loss_logits = MAX_LOSS_LOGITS
         self.item_embedding = nn.Embedding(n_items + 1, hidden_dim, padding_idx=PAD)
         self.position_embedding = nn.Embedding(max_len, hidden_dim)
         self.embedding_dropout = nn.Dropout(dropout)
@@ -173,12 +201,13 @@ class SASRec(nn.Module):
 
         inputs, targets: (B, L) tokens; targets are inputs shifted by one. Positions whose input or target
         is PAD are skipped (a user's first item has no predecessor to predict it from). Logits are computed
-        only at real transitions, which saves the padded share of the (B, L, N) matmul.
+        only at real transitions, which saves the padded share of the (B, L, N) matmul; above
+        `max_loss_logits` of them they are computed in chunks (`chunked_cross_entropy`).
         """
         hidden = self(inputs)
         has_target = (targets != PAD) & (inputs != PAD)
-        logits = self.item_logits(hidden[has_target])
-        return F.cross_entropy(logits.float(), targets[has_target] - 1)
+        return chunked_cross_entropy(hidden[has_target], self.item_embedding.weight[1:], targets[has_target] - 1,
+                                     self.max_loss_logits)
 
     @torch.no_grad()
     def score_next(self, tokens: torch.Tensor) -> torch.Tensor:

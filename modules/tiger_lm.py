@@ -1,4 +1,7 @@
-"""TigerLM: a decoder-only transformer over the semantic-ID token stream (this repository's layout, not the paper's).
+"""Decoder-only generative retrieval over semantic IDs (this repository's layouts, not the paper's).
+
+TigerLM reads the token stream (below); TigerItemLM reads one position per item and generates each next
+item's codes with a small code head (its class docstring). Both keep Tiger's interface.
 
 The paper's TIGER (modules.tiger) encodes the history and decodes one target's codes per decoder pass.
 TigerLM reads one causal stream instead,
@@ -116,7 +119,43 @@ class StreamCache:
         self.self_kv = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.self_kv]
 
 
-class TigerLM(nn.Module):
+class _DecoderOnly(nn.Module):
+    """What TigerLM and TigerItemLM share: the per-level head, next-level log-probs and the training loss.
+    Subclasses define `decode`, `window_log_probs`, `max_history`, `vocab` and `head`."""
+
+    causal_encoder = True  # every history item sees only earlier ones: windows of several targets are allowed
+
+    def level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
+        """(..., E) -> (..., K_level) float32 logits of that level's codes (the head in float32, as in Tiger)."""
+        start = int(self.vocab.level_offsets[level])
+        stop = start + self.vocab.codebook_sizes[level]
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.head.weight[start:stop].float(), self.head.bias[start:stop].float())
+
+    def next_level_log_probs(self, history: HistoryState, keep: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
+        """log p(code of level l | history, prefix) for prefix_codes (R, l) -> (R, K_l) float32."""
+        hidden = self.decode(history, keep, prefix_codes)[:, -1]
+        return self.level_logits(hidden, prefix_codes.shape[1]).log_softmax(-1)
+
+    def sequence_log_probs(self, src_tokens: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced per-level log-probs of the next item: src (B, S), target codes (B, L+1) -> (B, L+1)."""
+        visible = torch.full((len(src_tokens), 1), self.max_history, device=src_tokens.device)
+        return self.window_log_probs(src_tokens, target_codes[:, None], visible)[:, 0]
+
+    def forward(self, src_tokens: torch.Tensor, target_codes: torch.Tensor,
+                visible_items: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss, as Tiger.forward: one target (B, L+1), or T targets (B, T, L+1) with visible_items (B, T)."""
+        if target_codes.dim() == 2:
+            return -self.sequence_log_probs(src_tokens, target_codes).mean()
+        if visible_items is None:
+            raise ValueError(f"target_codes of shape {tuple(target_codes.shape)} (several targets per input) need "
+                             "visible_items (B, T): which targets are present.")
+        log_probs = self.window_log_probs(src_tokens, target_codes, visible_items)
+        present = (visible_items >= 0).to(log_probs.dtype)[:, :, None]
+        return -(log_probs * present).sum() / (present.sum() * target_codes.shape[2]).clamp(min=1)
+
+
+class TigerLM(_DecoderOnly):
     """Decoder-only generative retrieval over semantic-ID tokens (token layout: modules.sequences).
 
     vocab:       token slices (codebook sizes from the semantic-ID file, user buckets).
@@ -124,8 +163,6 @@ class TigerLM(nn.Module):
     n_layers:    transformer blocks (all in one causal stack).
     Sizes as in Tiger: residual width embed_dim, attention width attn_dim (n_heads heads), MLP mlp_dim.
     """
-
-    causal_encoder = True  # every history item sees only earlier ones: windows of several targets are allowed
 
     def __init__(self, vocab: Vocabulary, max_history: int, embed_dim: int = 128, attn_dim: int = 384,
                  n_heads: int = 6, mlp_dim: int = 1024, n_layers: int = 8, dropout: float = 0.1):
@@ -213,18 +250,6 @@ class TigerLM(nn.Module):
         hidden, cache.self_kv = self._extend(cache.history, tokens, cache.self_kv, level - 1)
         return hidden[:, 0]
 
-    def level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
-        """(..., E) -> (..., K_level) float32 logits of that level's codes (the head in float32, as in Tiger)."""
-        start = int(self.vocab.level_offsets[level])
-        stop = start + self.vocab.codebook_sizes[level]
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return F.linear(hidden.float(), self.head.weight[start:stop].float(), self.head.bias[start:stop].float())
-
-    def next_level_log_probs(self, history: HistoryState, keep: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
-        """log p(code of level l | history, prefix) for prefix_codes (R, l) -> (R, K_l) float32."""
-        hidden = self.decode(history, keep, prefix_codes)[:, -1]
-        return self.level_logits(hidden, prefix_codes.shape[1]).log_softmax(-1)
-
     def window_log_probs(self, src_tokens: torch.Tensor, target_codes: torch.Tensor,
                          visible_items: torch.Tensor) -> torch.Tensor:
         """Per-level log-probs of a window's last T items from one causal pass.
@@ -248,22 +273,6 @@ class TigerLM(nn.Module):
                             .gather(2, target_codes[:, :, level:level + 1]).squeeze(2)
                             for level in range(n_levels)], dim=2)
 
-    def sequence_log_probs(self, src_tokens: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced per-level log-probs of the next item: src (B, S), target codes (B, L+1) -> (B, L+1)."""
-        visible = torch.full((len(src_tokens), 1), self.max_history, device=src_tokens.device)
-        return self.window_log_probs(src_tokens, target_codes[:, None], visible)[:, 0]
-
-    def forward(self, src_tokens: torch.Tensor, target_codes: torch.Tensor,
-                visible_items: torch.Tensor | None = None) -> torch.Tensor:
-        """Training loss, as Tiger.forward: one target (B, L+1), or T targets (B, T, L+1) with visible_items (B, T)."""
-        if target_codes.dim() == 2:
-            return -self.sequence_log_probs(src_tokens, target_codes).mean()
-        if visible_items is None:
-            raise ValueError(f"target_codes of shape {tuple(target_codes.shape)} (several targets per input) need "
-                             "visible_items (B, T): which targets are present.")
-        log_probs = self.window_log_probs(src_tokens, target_codes, visible_items)
-        present = (visible_items >= 0).to(log_probs.dtype)[:, :, None]
-        return -(log_probs * present).sum() / (present.sum() * target_codes.shape[2]).clamp(min=1)
 
 
 @dataclass
@@ -287,7 +296,7 @@ class CodePrefixCache:
             self.prefix_sum = self.prefix_sum[rows]
 
 
-class TigerItemLM(nn.Module):
+class TigerItemLM(_DecoderOnly):
     """Decoder-only generative retrieval with one stream position per item and a small per-item code head.
 
     The causal transformer reads [user token, item 1, ..., item H+1], each item the sum of its L+1 code-token
@@ -299,8 +308,6 @@ class TigerItemLM(nn.Module):
     Same interface as Tiger and TigerLM (`encode`, `decode`, `start_decoding`, `decode_step`, `level_logits`,
     `window_log_probs`, `forward`), so `modules.beam_search` and train_decoder drive it unchanged.
     """
-
-    causal_encoder = True
 
     def __init__(self, vocab: Vocabulary, max_history: int, embed_dim: int = 128, attn_dim: int = 384,
                  n_heads: int = 6, mlp_dim: int = 1024, n_layers: int = 8, dropout: float = 0.1):
@@ -371,11 +378,6 @@ class TigerItemLM(nn.Module):
         else:
             cache.prefix_sum = cache.prefix_sum + self.token_embedding(codes + N_SPECIAL_TOKENS + self.level_offsets[level - 1])
         return self._code_head(hidden + cache.prefix_sum + self.level_embedding.weight[level])
-
-    level_logits = TigerLM.level_logits
-    next_level_log_probs = TigerLM.next_level_log_probs
-    sequence_log_probs = TigerLM.sequence_log_probs
-    forward = TigerLM.forward
 
     def window_log_probs(self, src_tokens: torch.Tensor, target_codes: torch.Tensor,
                          visible_items: torch.Tensor) -> torch.Tensor:
