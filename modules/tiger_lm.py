@@ -125,6 +125,32 @@ class _DecoderOnly(nn.Module):
 
     causal_encoder = True  # every history item sees only earlier ones: windows of several targets are allowed
 
+    def __init__(self, vocab: Vocabulary, max_history: int, n_positions: int, embed_dim: int, attn_dim: int,
+                 n_heads: int, mlp_dim: int, n_layers: int, dropout: float):
+        """The token and position embeddings and the causal stack; subclasses add their heads after these
+        (creation order fixes the seeded initial weights)."""
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers = {n_layers} must be >= 1.")
+        self.vocab = vocab
+        self.max_history = max_history
+        self.token_embedding = nn.Embedding(vocab.size, embed_dim, padding_idx=0)
+        self.position = nn.Embedding(n_positions, embed_dim)
+        self.blocks = nn.ModuleList(Block(embed_dim, attn_dim, mlp_dim, n_heads, dropout) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.embed_drop = nn.Dropout(dropout)
+        self.register_buffer("level_offsets", torch.as_tensor(vocab.level_offsets), persistent=False)
+
+    @property
+    def src_length(self) -> int:
+        """Input token length 1 + H*(L+1), the layout every model here reads."""
+        return 1 + self.max_history * self.vocab.n_levels
+
+    def _check_input(self, src_tokens: torch.Tensor) -> None:
+        if src_tokens.shape[1] != self.src_length:
+            raise ValueError(f"input has {src_tokens.shape[1]} tokens, the model expects {self.src_length} "
+                             f"(1 user token + max_history {self.max_history} x {self.vocab.n_levels} codes).")
+
     def level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
         """(..., E) -> (..., K_level) float32 logits of that level's codes (the head in float32, as in Tiger)."""
         start = int(self.vocab.level_offsets[level])
@@ -166,30 +192,10 @@ class TigerLM(_DecoderOnly):
 
     def __init__(self, vocab: Vocabulary, max_history: int, embed_dim: int = 128, attn_dim: int = 384,
                  n_heads: int = 6, mlp_dim: int = 1024, n_layers: int = 8, dropout: float = 0.1):
-        super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers = {n_layers} must be >= 1.")
-        self.vocab = vocab
-        self.max_history = max_history
-        n_levels = vocab.n_levels
-        self.token_embedding = nn.Embedding(vocab.size, embed_dim, padding_idx=0)
-        # The history's tokens, then the next item's L+1: positions of a training window of H+1 items.
-        self.position = nn.Embedding(1 + (max_history + 1) * n_levels, embed_dim)
-        self.blocks = nn.ModuleList(Block(embed_dim, attn_dim, mlp_dim, n_heads, dropout) for _ in range(n_layers))
-        self.norm = nn.LayerNorm(embed_dim)
-        self.embed_drop = nn.Dropout(dropout)
+        # Positions: the history's tokens, then the next item's L+1 (a training window of H+1 items).
+        super().__init__(vocab, max_history, 1 + (max_history + 1) * vocab.n_levels, embed_dim, attn_dim, n_heads,
+                         mlp_dim, n_layers, dropout)
         self.head = nn.Linear(embed_dim, vocab.n_code_tokens)
-        self.register_buffer("level_offsets", torch.as_tensor(vocab.level_offsets), persistent=False)
-
-    @property
-    def src_length(self) -> int:
-        """Input stream length 1 + H*(L+1)."""
-        return 1 + self.max_history * self.vocab.n_levels
-
-    def _check_input(self, src_tokens: torch.Tensor) -> None:
-        if src_tokens.shape[1] != self.src_length:
-            raise ValueError(f"input has {src_tokens.shape[1]} tokens, the model expects {self.src_length} "
-                             f"(1 user token + max_history {self.max_history} x {self.vocab.n_levels} codes).")
 
     def _code_tokens(self, codes: torch.Tensor, first_level: int = 0) -> torch.Tensor:
         """codes (..., l) of levels first_level.. -> their token ids."""
@@ -311,27 +317,13 @@ class TigerItemLM(_DecoderOnly):
 
     def __init__(self, vocab: Vocabulary, max_history: int, embed_dim: int = 128, attn_dim: int = 384,
                  n_heads: int = 6, mlp_dim: int = 1024, n_layers: int = 8, dropout: float = 0.1):
-        super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers = {n_layers} must be >= 1.")
-        self.vocab = vocab
-        self.max_history = max_history
-        self.token_embedding = nn.Embedding(vocab.size, embed_dim, padding_idx=0)
-        self.position = nn.Embedding(max_history + 2, embed_dim)   # user, H history items, the next item
-        self.blocks = nn.ModuleList(Block(embed_dim, attn_dim, mlp_dim, n_heads, dropout) for _ in range(n_layers))
-        self.norm = nn.LayerNorm(embed_dim)
-        self.embed_drop = nn.Dropout(dropout)
+        # Positions: the user, H history items, the next item.
+        super().__init__(vocab, max_history, max_history + 2, embed_dim, attn_dim, n_heads, mlp_dim, n_layers, dropout)
         self.level_embedding = nn.Embedding(vocab.n_levels, embed_dim)
         self.code_norm = nn.LayerNorm(embed_dim)
         self.code_mlp = FeedForward(embed_dim, mlp_dim, dropout)
         self.head_norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, vocab.n_code_tokens)
-        self.register_buffer("level_offsets", torch.as_tensor(vocab.level_offsets), persistent=False)
-
-    @property
-    def src_length(self) -> int:
-        """Input token length 1 + H*(L+1), the layout every model here reads."""
-        return 1 + self.max_history * self.vocab.n_levels
 
     def _item_stream(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, 1 + n*(L+1)) -> normed hidden states (B, 1 + n, E), one per stream position."""
@@ -355,9 +347,7 @@ class TigerItemLM(_DecoderOnly):
 
     def encode(self, src_tokens: torch.Tensor) -> tuple[ItemHistoryState, torch.Tensor]:
         """src_tokens (B, S) -> the state after each history's last item and a keep mask (B, S) (interface only)."""
-        if src_tokens.shape[1] != self.src_length:
-            raise ValueError(f"input has {src_tokens.shape[1]} tokens, the model expects {self.src_length} "
-                             f"(1 user token + max_history {self.max_history} x {self.vocab.n_levels} codes).")
+        self._check_input(src_tokens)
         return ItemHistoryState(last_hidden=self._item_stream(src_tokens)[:, -1]), src_tokens != 0
 
     def decode(self, history: ItemHistoryState, keep: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
@@ -382,8 +372,7 @@ class TigerItemLM(_DecoderOnly):
     def window_log_probs(self, src_tokens: torch.Tensor, target_codes: torch.Tensor,
                          visible_items: torch.Tensor) -> torch.Tensor:
         """Per-level log-probs of a window's last T items from one causal pass (arguments as TigerLM's)."""
-        if src_tokens.shape[1] != self.src_length:
-            raise ValueError(f"input has {src_tokens.shape[1]} tokens, the model expects {self.src_length}.")
+        self._check_input(src_tokens)
         batch, n_targets, n_levels = target_codes.shape
         if not 1 <= n_targets <= self.max_history:
             raise ValueError(f"{n_targets} targets per window: TigerItemLM trains 1..max_history ({self.max_history}).")
