@@ -28,11 +28,15 @@ from modules.tiger_lm import TigerItemLM, TigerLM
 CODEBOOK_SIZES = (256, 256, 256, 8)
 
 
+def history_tokens(vocab: Vocabulary, item_tokens: np.ndarray, items: np.ndarray, rng) -> torch.Tensor:
+    """Model inputs [random user token, tokens of items[r, 0], ...] for item rows (n_rows, history)."""
+    users = rng.integers(0, vocab.n_user_buckets, len(items)) + vocab.user_token_offset
+    return torch.as_tensor(np.concatenate([users[:, None], item_tokens[items].reshape(len(items), -1)], 1))
+
+
 def synthetic_inputs(vocab: Vocabulary, item_tokens: np.ndarray, n_rows: int, history: int, rng) -> torch.Tensor:
     """(n_rows, 1 + history*(L+1)) encoder tokens of random full histories."""
-    items = rng.integers(0, len(item_tokens), (n_rows, history))
-    users = rng.integers(0, vocab.n_user_buckets, n_rows) + vocab.user_token_offset
-    return torch.as_tensor(np.concatenate([users[:, None], item_tokens[items].reshape(n_rows, -1)], 1))
+    return history_tokens(vocab, item_tokens, rng.integers(0, len(item_tokens), (n_rows, history)), rng)
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:

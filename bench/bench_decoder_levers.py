@@ -21,11 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.profile_decoder_step import HISTORY, batch as synthetic_batch
 from modules.sequences import Vocabulary, random_semantic_ids, semantic_id_tokens
 from modules.tiger import Tiger
 from modules.tiger_lm import TigerItemLM, TigerLM
 
-HISTORY, BATCH = 20, 128
+BATCH = 128
 SIZES = dict(embed_dim=64, attn_dim=128, n_heads=4, mlp_dim=256, n_layers=4)
 # name: (model class, targets per window, dropout, bf16 autocast, torch.compile)
 VARIANTS = {"tiger": (Tiger, 10, 0.1, False, False), "tiger_nodrop": (Tiger, 10, 0.0, False, False),
@@ -41,13 +42,7 @@ def step_ms(name: str, steps: int) -> float:
     ids = random_semantic_ids(9742, vocab.codebook_sizes, 0)
     tokens = semantic_id_tokens(ids, vocab)
     rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(4):
-        items = rng.integers(0, len(ids), (BATCH, HISTORY + 1))
-        src = np.concatenate([rng.integers(0, 2000, (BATCH, 1)) + vocab.user_token_offset,
-                              tokens[items[:, :HISTORY]].reshape(BATCH, -1)], 1)
-        visible = np.tile(np.arange(HISTORY - n_targets + 1, HISTORY + 1), (BATCH, 1))
-        batches.append((torch.as_tensor(src), torch.as_tensor(ids[items[:, HISTORY + 1 - n_targets:]]), torch.as_tensor(visible)))
+    batches = [synthetic_batch(vocab, ids, tokens, BATCH, n_targets, rng) for _ in range(4)]
     torch.manual_seed(0)
     extra = {"causal_encoder": True} if model_class is Tiger else {}
     model = model_class(vocab, HISTORY, dropout=dropout, **SIZES, **extra).train()

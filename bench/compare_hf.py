@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from bench.bench_decoder import history_tokens
 from modules.beam_search import SemanticIdTrie, beam_search, exhaustive_item_scores
 from modules.sequences import BOS_TOKEN, PAD_TOKEN, Vocabulary, random_semantic_ids, semantic_id_tokens
 from modules.tiger import Tiger
@@ -99,10 +100,6 @@ def compare(args) -> dict:
     item_tokens = semantic_id_tokens(semantic_ids, vocab)
     n_levels = vocab.n_levels
 
-    def inputs(n_rows, items):
-        users = rng.integers(0, vocab.n_user_buckets, n_rows) + vocab.user_token_offset
-        return torch.as_tensor(np.concatenate([users[:, None], item_tokens[items].reshape(n_rows, -1)], 1))
-
     ours = Tiger(vocab, max_history=HISTORY, n_layers=8, **SIZES)
     lm = TigerLM(vocab, max_history=HISTORY, n_layers=8, **SIZES)
     item = TigerItemLM(vocab, max_history=HISTORY, n_layers=8, **SIZES)
@@ -110,7 +107,7 @@ def compare(args) -> dict:
     models = {"ours": ours, "lm": lm, "item": item, "hf": hf}
     counts = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()}
     window = rng.integers(0, args.items, (args.batch, HISTORY + 1))
-    src = inputs(args.batch, window[:, :HISTORY])
+    src = history_tokens(vocab, item_tokens, window[:, :HISTORY], rng)
     target = torch.as_tensor(semantic_ids[window[:, -1]])
     labels = torch.as_tensor(item_tokens[window[:, -1]])
     lm_targets = torch.as_tensor(semantic_ids[window[:, 1:]])
@@ -142,7 +139,7 @@ def compare(args) -> dict:
     ours.eval(), hf.eval()
     trie = SemanticIdTrie(torch.as_tensor(semantic_ids), CODEBOOK_SIZES)
     allowed, item_of = prefix_table(item_tokens)
-    eval_src = inputs(args.eval_batch, rng.integers(0, args.items, (args.eval_batch, HISTORY)))
+    eval_src = history_tokens(vocab, item_tokens, rng.integers(0, args.items, (args.eval_batch, HISTORY)), rng)
     decode_seconds = {"ours": 0.0, "hf": 0.0}
     for _ in range(args.eval_repeats):
         decode_seconds["ours"] += timed(lambda: beam_search(ours, eval_src, trie, args.beam, args.top_k), 1)
@@ -176,8 +173,7 @@ def exactness_check(ours: Tiger, hf, vocab: Vocabulary, rng, beam: int, top_k: i
     """On a catalogue smaller than the beam both searches are exact: each top-10 equals its own exhaustive one."""
     semantic_ids = random_semantic_ids(n_items, CODEBOOK_SIZES, seed=1)
     item_tokens = semantic_id_tokens(semantic_ids, vocab)
-    users = rng.integers(0, vocab.n_user_buckets, 4) + vocab.user_token_offset
-    src = torch.as_tensor(np.concatenate([users[:, None], item_tokens[rng.integers(0, n_items, (4, HISTORY))].reshape(4, -1)], 1))
+    src = history_tokens(vocab, item_tokens, rng.integers(0, n_items, (4, HISTORY)), rng)
     ours_items = beam_search(ours, src, SemanticIdTrie(torch.as_tensor(semantic_ids), CODEBOOK_SIZES), beam, top_k).items
     ours_exact = exhaustive_item_scores(ours, src, torch.as_tensor(semantic_ids)).topk(top_k).indices
     allowed, item_of = prefix_table(item_tokens)
