@@ -1,11 +1,14 @@
 # Stable entry points: `make demo`, `make test`, `make prepare`, `make pipeline` (outside checks use these names).
 #   make demo                                   synthetic data -> whole pipeline -> runs/demo/metrics.json
+#   make demo-cold                              the same with 5% cold-start items -> runs/demo_cold/ (+ ablation)
 #   make test                                   the test suite
 #   make prepare  DATA=<MovieLens folder> RUN=<run folder>
 #   make pipeline DATA=<MovieLens folder> RUN=<run folder> [POSTERS=<poster folder>] [PRESET=ml_small|ml25m|demo]
 #                 [JOBS=2] trains up to JOBS models at once (SASRec beside the poster features, the two TIGERs
 #                 side by side; 1 torch thread each unless THREADS=n); JOBS=1 runs the steps one after another.
 #                 PRESET=ml25m defaults to JOBS=1: SASRec alone needs ~20 GB of GPU memory there.
+#                 [COLD=0.05] holds that share of the rated items out as cold-start items and ends with their
+#                 evaluation (experiments/11_cold_start.py -> RUN/cold/, the `cold` section of RUN/metrics.json)
 #   make scale-check [SCALE_WORK=/tmp/scale_check]  every step at ML-25M size, tiny iteration counts (BENCHMARKS.md)
 #   make seeds    (same variables) [SEEDS=0,1,2] every model of a finished pipeline run over seeds -> RUN/seeds.md
 SHELL := /bin/bash
@@ -27,6 +30,8 @@ IMAGE_SIZE ?= $(if $(filter ml_small,$(PRESET)),160,224)
 BLOCKS ?=
 # Order inside timestamp ties: hash (unlearnable, default) or movieid (as in published MovieLens numbers)
 TIE_BREAK ?= hash
+# Share of the rated items held out as cold-start items (empty: no cold-start split)
+COLD ?=
 SEEDS ?= 0,1,2
 SETS ?= genres_year,text,poster,all
 JOBS ?= $(if $(filter ml25m,$(PRESET)),1,2)
@@ -34,7 +39,7 @@ THREADS ?= $(if $(filter 1,$(JOBS)),,1)
 THREADS_FLAG = $(if $(THREADS),--threads $(THREADS))
 
 .PHONY: venv test demo prepare features pipeline pipeline-models rqvae tiger tiger-random sasrec seeds ablation \
-        posters-check clean-demo scale-check
+        posters-check clean-demo scale-check cold demo-cold
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -46,7 +51,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 prepare: venv
-	$(PY) experiments/02_prepare_interactions.py --data $(DATA) --run $(RUN) --tie-break $(TIE_BREAK)
+	$(PY) experiments/02_prepare_interactions.py --data $(DATA) --run $(RUN) --tie-break $(TIE_BREAK) $(if $(COLD),--cold $(COLD))
 
 # A poster folder is needed unless BLOCKS is given without 'poster'.
 comma := ,
@@ -72,6 +77,7 @@ endif
 #   prepare -> features -> rqvae -> tiger, tiger-random;   prepare -> sasrec (+ most-popular)
 pipeline: venv posters-check
 	$(MAKE) --no-print-directory -j$(JOBS) pipeline-models
+	$(if $(COLD),$(PY) experiments/11_cold_start.py --run $(RUN))
 	$(PY) experiments/08_report.py --run $(RUN)
 	@cat $(RUN)/results.md
 
@@ -85,6 +91,10 @@ tiger: rqvae
 
 tiger-random: rqvae
 	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN) $(THREADS_FLAG) --random-ids
+
+# The cold-start evaluation of a finished pipeline run prepared with COLD=...
+cold: venv
+	$(PY) experiments/11_cold_start.py --run $(RUN)
 
 sasrec: prepare
 	$(PY) experiments/07_train_baselines.py --run $(RUN) --sasrec-config $(SASREC_GIN) $(THREADS_FLAG)
@@ -103,6 +113,13 @@ demo: venv
 	$(MAKE) --no-print-directory pipeline DATA=dataset/demo RUN=runs/demo PRESET=demo IMAGE_SIZE=128
 	$(MAKE) --no-print-directory ablation DATA=dataset/demo RUN=runs/demo PRESET=demo IMAGE_SIZE=128 \
 	  SETS=text,all SEEDS=0,1
+
+# The cold-start demo: 5% of the demo's items held out as cold; TIGER and Semantic-KNN with and without posters
+demo-cold: venv
+	$(PY) experiments/00_make_demo_data.py --out dataset/demo
+	$(MAKE) --no-print-directory pipeline DATA=dataset/demo RUN=runs/demo_cold PRESET=demo IMAGE_SIZE=128 COLD=0.05
+	$(MAKE) --no-print-directory ablation DATA=dataset/demo RUN=runs/demo_cold PRESET=demo IMAGE_SIZE=128 \
+	  COLD=0.05 SETS=text,all SEEDS=0,1,2
 
 # Every step at ML-25M size with tiny iteration counts: wall time, peak RSS, projections (bench/scale_check.py)
 SCALE_WORK ?= /tmp/scale_check

@@ -42,7 +42,7 @@ def main() -> None:
             train_seeds(pathlib.Path(args.run), seeds, args.rqvae_config, args.decoder_config, args.sasrec_config,
                         args.jobs, args.threads)
         extra = dict(item.split("=", 1) for item in args.also.split(",") if item.strip())
-        summarise_run(pathlib.Path(args.run), seeds, extra)
+        summarise_run(pathlib.Path(args.run), seeds, extra, args.threads)
     except subprocess.CalledProcessError as err:
         sys.exit(f"error: a training step failed (exit code {err.returncode}): {' '.join(err.cmd)}")
     except (ArtifactError, ValueError) as err:

@@ -7,6 +7,8 @@ Layout under `<out>` (default `<run>/ablation/`):
     <set>/item_features/            fused features of that feature set (seed-independent)
     <set>/seed<k>/rqvae/            semantic ids for that seed
     <set>/seed<k>/decoder/          TIGER trained on them; metrics.json holds valid/test metrics
+    <set>/seed<k>/cold/             on a run prepared with --cold: TIGER and Semantic-KNN (on the set's
+                                    features) on the cold items (experiments/cold_start.py)
     ablation.json, ablation.md, ablation.png
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.artifacts import load_json, save_figure, save_json, save_text
+from experiments.artifacts import COLD_FILE, load_json, save_figure, save_json, save_text
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,13 @@ def run_cell(run: Path, out: Path, fset: FeatureSet, seed: int, rqvae_config: st
     run_script([py, "train_decoder.py", decoder_config, "--run", str(run), "--semantic-ids", str(cell / "rqvae"),
                 "--out", str(cell / "decoder"), "--gin_param", f"train_decoder.seed = {seed}"]
                + (["--threads", str(threads)] if threads else []))
-    return load_json(cell / "decoder" / "metrics.json", "train_decoder.py")
+    result = load_json(cell / "decoder" / "metrics.json", "train_decoder.py")
+    if (run / COLD_FILE).is_file():
+        run_script([py, "experiments/11_cold_start.py", "--run", str(run), "--decoder", str(cell / "decoder"),
+                    "--features", str(out / fset.name / "item_features"), "--models", "tiger,semantic_knn",
+                    "--out", str(cell / "cold")] + (["--threads", str(threads)] if threads else []))
+        result = {**result, "cold": load_json(cell / "cold" / "metrics.json", "experiments/11_cold_start.py")}
+    return result
 
 
 def summarise(results: dict[str, dict[int, dict]], sets: dict[str, FeatureSet]) -> dict:
@@ -90,7 +98,73 @@ def summarise(results: dict[str, dict[int, dict]], sets: dict[str, FeatureSet]) 
                          "mean": {m: float(v.mean()) for m, v in values.items()},
                          "std": {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()},
                          "per_seed": {str(s): {m: by_seed[s]["test"][m] for m in METRICS} for s in sorted(by_seed)}}
+        if all("cold" in r for r in by_seed.values()):
+            summary[name]["cold"] = cold_summary(by_seed)
     return summary
+
+
+COLD_MODELS = ("tiger", "semantic_knn")
+
+
+def cold_summary(by_seed: dict[int, dict]) -> dict:
+    """Mean and std over seeds of the cold test metrics (epsilon rule) and of the validation sweep's cold
+    recall@10, for TIGER and Semantic-KNN on the set's features."""
+    first = next(iter(by_seed.values()))["cold"]
+    out = {"epsilon": first["epsilon"], "n_cold_examples": first["n_cold_examples"], "models": {}}
+    for model in COLD_MODELS:
+        runs = [by_seed[s]["cold"] for s in sorted(by_seed)]
+        cold = {m: np.array([r["models"][model][m] for r in runs]) for m in METRICS}
+        warm = np.array([r["models"][model]["warm"]["recall@10"] for r in runs])
+        cold_only = {m: np.array([r["models"][model]["cold_only"][m] for r in runs]) for m in ("recall@10", "ndcg@10")}
+        epsilons = list(runs[0]["sweep"][model])
+        sweep = {e: np.array([r["sweep"][model][e]["cold"]["recall@10"] for r in runs]) for e in epsilons}
+        out["models"][model] = {
+            "mean": {m: float(v.mean()) for m, v in cold.items()},
+            "std": {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in cold.items()},
+            "warm_recall@10": {"mean": float(warm.mean()), "std": float(warm.std(ddof=1)) if len(warm) > 1 else 0.0},
+            "cold_only": {m: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+                          for m, v in cold_only.items()},
+            "valid_sweep_recall@10": {e: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+                                      for e, v in sweep.items()}}
+    return out
+
+
+def cold_markdown_table(summary: dict) -> str:
+    """Feature set x (TIGER, Semantic-KNN) cold test metrics, mean ± std over seeds."""
+    rows = [r for r in summary.values() if "cold" in r]
+    if not rows:
+        return ""
+    first = rows[0]["cold"]
+    lines = [f"Cold-start test examples ({first['n_cold_examples']}), epsilon {first['epsilon']}; mean ± std over "
+             "seeds. Semantic-KNN uses the same feature set (it has no seed: its spread is 0).", "",
+             "| feature set | model | recall@10 | ndcg@10 | warm recall@10 | cold-only recall@10 | cold-only ndcg@10 |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        for model, m in row["cold"]["models"].items():
+            lines.append(f"| {row['label']} | {model} | {m['mean']['recall@10']:.4f} ± {m['std']['recall@10']:.4f} | "
+                         f"{m['mean']['ndcg@10']:.4f} ± {m['std']['ndcg@10']:.4f} | "
+                         f"{m['warm_recall@10']['mean']:.4f} ± {m['warm_recall@10']['std']:.4f} | "
+                         f"{m['cold_only']['recall@10']['mean']:.4f} ± {m['cold_only']['recall@10']['std']:.4f} | "
+                         f"{m['cold_only']['ndcg@10']['mean']:.4f} ± {m['cold_only']['ndcg@10']['std']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def cold_plot(summary: dict, path: Path) -> None:
+    """Validation cold recall@10 against epsilon per feature set and model (mean ± std over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in summary.values():
+        for model, style in zip(COLD_MODELS, ("-", "--")):
+            sweep = row["cold"]["models"][model]["valid_sweep_recall@10"]
+            eps = [float(e) for e in sweep]
+            ax.errorbar(eps, [v["mean"] for v in sweep.values()], yerr=[v["std"] for v in sweep.values()],
+                        linestyle=style, marker="o", capsize=2, label=f"{model}, {row['label']}")
+    ax.set(xlabel="epsilon (share of the top-10 reserved for cold items)", ylabel="cold recall@10 (validation)",
+           title="Cold start by feature set")
+    ax.legend(fontsize=7)
+    save_figure(path, fig, dpi=120)
 
 
 def markdown_table(summary: dict) -> str:
@@ -159,6 +233,9 @@ def run_ablation(run: Path, data: Path, poster_features: Path, set_names: list[s
     results = {name: dict(sorted(by_seed.items())) for name, by_seed in results.items()}
     summary = summarise(results, sets)
     save_json(out / "ablation.json", summary)
-    save_text(out / "ablation.md", markdown_table(summary))
+    save_text(out / "ablation.md", markdown_table(summary) + ("\n" + cold_markdown_table(summary)
+                                                               if any("cold" in r for r in summary.values()) else ""))
     bar_plot(summary, out / "ablation.png")
+    if all("cold" in r for r in summary.values()):
+        cold_plot(summary, out / "ablation_cold.png")
     return summary

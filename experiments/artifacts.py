@@ -17,6 +17,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from modules.cold_start import ColdExamples
+
 
 class ArtifactError(ValueError):
     """An artifact is missing, malformed or misaligned; the message says which file and how to fix it."""
@@ -212,6 +214,8 @@ ITEMS_FILE = "items.csv"
 ITEM_IDS_FILE = "item_ids.npy"
 INTERACTIONS_FILE = "interactions.npz"
 STATS_FILE = "stats.json"
+COLD_ITEMS_FILE = "cold_items.npy"   # movieIds of every cold item (prepare --cold), both halves
+COLD_FILE = "cold.npz"               # the cold halves and examples (`ColdSet`)
 
 
 @dataclass(frozen=True)
@@ -296,3 +300,47 @@ def check_aligned(ids: np.ndarray, expected_ids: np.ndarray, path: str | os.Path
         i = int(mismatch[0])
         raise ArtifactError(f"{path} is not aligned with item_ids.npy: row {i} holds movieId {ids[i]}, "
                             f"expected {expected_ids[i]} ({len(mismatch)} rows differ); re-run {producer}.")
+
+
+@dataclass(frozen=True)
+class ColdSet:
+    """The cold-start split of a run prepared with --cold (modules.cold_start).
+
+    valid_items, test_items: item rows of each cold half. examples[half]: `ColdExamples` in the warm
+    histories' coordinates (user row, exclusive end of the input, cold target row).
+    """
+
+    valid_items: np.ndarray
+    test_items: np.ndarray
+    examples: dict
+
+    @property
+    def items(self) -> np.ndarray:
+        """Every cold item row, sorted."""
+        return np.sort(np.concatenate([self.valid_items, self.test_items]))
+
+
+def load_cold(run: str | os.PathLike) -> ColdSet | None:
+    """The run's cold-start split, or None when it was prepared without --cold; checked against the histories."""
+    path = Path(run) / COLD_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    needed = ["valid_items", "test_items"] + [f"{h}_{f}" for h in ("valid", "test") for f in ("user_row", "end", "target")]
+    missing = [k for k in needed if k not in arrays]
+    if missing:
+        raise ArtifactError(f"{path} lacks {missing}: re-run {PREPARE_SCRIPT} with --overwrite.")
+    inter = load_interactions(run)
+    cold = ColdSet(arrays["valid_items"], arrays["test_items"],
+                   {h: ColdExamples(arrays[f"{h}_user_row"], arrays[f"{h}_end"], arrays[f"{h}_target"])
+                    for h in ("valid", "test")})
+    warm_cold = np.isin(inter.item_index, cold.items)
+    if warm_cold.any():
+        raise ArtifactError(f"{Path(run) / INTERACTIONS_FILE} holds {int(warm_cold.sum())} events on cold items of "
+                            f"{path}: the two were not written together; re-run {PREPARE_SCRIPT} --overwrite.")
+    for half, ex in cold.examples.items():
+        if ((ex.end < inter.offsets[ex.user_row] + 1) | (ex.end > inter.offsets[ex.user_row + 1])).any():
+            raise ArtifactError(f"{path}: {half} examples point outside their users' histories: re-run "
+                                f"{PREPARE_SCRIPT} --overwrite.")
+    return cold

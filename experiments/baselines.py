@@ -597,6 +597,23 @@ def results_markdown(merged: dict, missing: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
+def current_cold_section(path: Path, run_dir: Path) -> dict:
+    """RUN/cold/metrics.json less its fingerprint and paths, refused unless every file it was computed from (the
+    run's interactions and cold split, each model's checkpoint and metrics, the features) is unchanged."""
+    cold = load_json(path, "experiments/11_cold_start.py")
+    recorded = (cold.get("fingerprint") or {}).get("inputs", {})
+    paths = cold.get("input_paths") or {}
+    if not {"interactions.npz", "cold.npz"} <= set(paths) or set(paths) != set(recorded):
+        raise ArtifactError(f"{path} does not record the files it was computed from (an older version wrote it): "
+                            "re-run experiments/11_cold_start.py --overwrite (or make cold).")
+    for name, where in paths.items():
+        current = Path(where)
+        if not current.is_file() or recorded[name]["sha1"] != file_digest(current)["sha1"]:
+            raise ArtifactError(f"{path} was computed from another {name} than the current {current} (retrained or "
+                                "re-prepared since): re-run experiments/11_cold_start.py --overwrite (or make cold).")
+    return {key: value for key, value in cold.items() if key not in ("fingerprint", "input_paths")}
+
+
 def write_run_report(run_dir: str | os.PathLike, decoder_dirs: Sequence[str] | None = None,
                      overwrite: bool = False) -> dict:
     """Merge every result of the run into RUN/metrics.json and RUN/results.md.
@@ -611,7 +628,12 @@ def write_run_report(run_dir: str | os.PathLike, decoder_dirs: Sequence[str] | N
     stats_path = run_dir / "stats.json"
     merged["tie_break"] = load_json(stats_path, "experiments/02_prepare_interactions.py").get("tie_break") \
         if stats_path.is_file() else None
+    cold_path = run_dir / "cold" / "metrics.json"
+    if cold_path.is_file():
+        merged["cold"] = current_cold_section(cold_path, run_dir)
     markdown = results_markdown(merged, missing)
+    if merged.get("cold") is not None:
+        markdown += "\n" + (run_dir / "cold" / "results.md").read_text()
     if (not overwrite and all(p.is_file() for p in outputs) and load_json(outputs[0], REPORT_SCRIPT) == merged
             and outputs[1].read_text() == markdown):
         log.info("report is up to date: %s (pass --overwrite to rewrite)", outputs[0])

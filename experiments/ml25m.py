@@ -39,8 +39,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from experiments.artifacts import (INTERACTIONS_FILE, ITEM_IDS_FILE, ITEMS_FILE, PREPARE_SCRIPT, ArtifactError,
-                                   check_aligned, fingerprint, load_interactions, load_item_ids, load_items, load_json,
+from experiments.artifacts import (COLD_ITEMS_FILE, INTERACTIONS_FILE, ITEM_IDS_FILE, ITEMS_FILE, PREPARE_SCRIPT,
+                                   ArtifactError, check_aligned, fingerprint, load_interactions, load_item_ids, load_items, load_json,
                                    reuse_finished, save_json, save_npy)
 from modules.features import block_scale, centre_and_scale, pca, standardise
 from modules.split import leave_one_out
@@ -139,10 +139,12 @@ def _require_source(path: Path, block: str, hint: str) -> Path:
     return path
 
 
-def genome_block(data_dir: Path, movie_ids: np.ndarray) -> RawBlock:
+def genome_block(data_dir: Path, movie_ids: np.ndarray, cold_movies: np.ndarray | None = None) -> RawBlock:
     """Tag-genome relevance (N, T) from genome-scores.csv (movieId,tagId,relevance), scattered with numpy.
 
     ML-25M's file has 15.6M rows; pyarrow parses it in seconds and nothing here loops in Python.
+    cold_movies: the run's cold-start movieIds. The genome is computed from users' tags, ratings and reviews
+    (and exists only for well-rated movies), so a cold movie's row is user activity: it is masked.
     """
     path = _require_source(data_dir / "genome-scores.csv", "genome",
                            "Only ML-25M (and ML-20M) ship a tag genome; ml-latest-small has none.")
@@ -154,6 +156,11 @@ def genome_block(data_dir: Path, movie_ids: np.ndarray) -> RawBlock:
     relevance = table.column("relevance").to_numpy()
     tag_ids, tag_column = np.unique(tag, return_inverse=True)
     rows = _rows_of(movie_ids, movie, path)
+    if cold_movies is not None and len(cold_movies):
+        warm = ~np.isin(movie_ids[rows], cold_movies)
+        log.info("genome: the rows of %d cold-start movies are masked (user activity)",
+                 len(np.unique(rows[~warm])))
+        rows, tag_column, relevance = rows[warm], tag_column[warm], relevance[warm]
     values = np.zeros((len(movie_ids), len(tag_ids)), dtype=np.float32)
     values[rows, tag_column] = relevance
     mask = np.zeros(len(movie_ids), dtype=bool)
@@ -181,35 +188,41 @@ class HeldOut:
     """Each prepared user's held-out events, which no item feature may see (leave-one-out, modules.split).
 
     user_ids (U,) int64 sorted; valid_time (U,) the timestamp of the user's validation event;
-    valid_movie, test_movie (U,) movieIds of the validation and test targets.
+    valid_movie, test_movie (U,) movieIds of the validation and test targets; cold_movies (C,) sorted
+    movieIds of the cold-start items (prepare --cold), on which no user activity is known at training time.
     """
 
     user_ids: np.ndarray
     valid_time: np.ndarray
     valid_movie: np.ndarray
     test_movie: np.ndarray
+    cold_movies: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
     def of_run(cls, run: Path, movie_ids: np.ndarray) -> "HeldOut":
         inter = load_interactions(run)
         split = leave_one_out(inter.offsets)
         order = np.argsort(inter.user_ids, kind="stable")
+        cold_path = Path(run) / COLD_ITEMS_FILE
+        cold = np.sort(np.load(cold_path)) if cold_path.is_file() else np.zeros(0, dtype=np.int64)
         return cls(inter.user_ids[order], inter.timestamps[split.valid_pos][order],
-                   movie_ids[inter.item_index[split.valid_pos]][order], movie_ids[inter.item_index[split.test_pos]][order])
+                   movie_ids[inter.item_index[split.valid_pos]][order], movie_ids[inter.item_index[split.test_pos]][order],
+                   cold)
 
     def training_only(self, user: np.ndarray, movie: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
         """(E,) bool: user activity (a tag, say) that could be known at training time.
 
         Kept: activity of users outside the split, and a prepared user's activity strictly before their
-        validation event on movies other than their two held-out targets.
+        validation event on movies other than their two held-out targets; never any activity on a cold item.
         """
+        warm_movie = ~np.isin(movie, self.cold_movies)
         if len(self.user_ids) == 0:
-            return np.ones(len(user), dtype=bool)
+            return warm_movie
         row = np.clip(np.searchsorted(self.user_ids, user), 0, len(self.user_ids) - 1)
         known = self.user_ids[row] == user
         before = timestamp < self.valid_time[row]
         other_movie = (movie != self.valid_movie[row]) & (movie != self.test_movie[row])
-        return ~known | (before & other_movie)
+        return warm_movie & (~known | (before & other_movie))
 
 
 def tags_block(data_dir: Path, movie_ids: np.ndarray, vocabulary_size: int = 512,
@@ -455,7 +468,8 @@ class ML25MItemData:
             return tags_block(self.root, self.movie_ids, self.tag_vocabulary, self.min_movies_per_tag,
                               HeldOut.of_run(self.run, self.movie_ids))
         if name == "genome":
-            return genome_block(self.root, self.movie_ids)
+            cold_path = self.run / COLD_ITEMS_FILE
+            return genome_block(self.root, self.movie_ids, np.load(cold_path) if cold_path.is_file() else None)
         if name == "poster":
             return load_poster_features(self.poster_feature_path, self.movie_ids)
         return text_block(self.items)
@@ -567,6 +581,8 @@ def fusion_inputs(settings: dict) -> dict[str, Path]:
     inputs = {ITEMS_FILE: run / ITEMS_FILE, ITEM_IDS_FILE: run / ITEM_IDS_FILE}
     if "tags" in blocks:  # the held-out events come from the interactions
         inputs[INTERACTIONS_FILE] = run / INTERACTIONS_FILE
+    if ("tags" in blocks or "genome" in blocks) and (run / COLD_ITEMS_FILE).is_file():
+        inputs[COLD_ITEMS_FILE] = run / COLD_ITEMS_FILE   # no user activity on a cold item reaches a feature
     for name, path in inputs.items():
         if not path.is_file():
             raise ArtifactError(f"{path} is missing: run {PREPARE_SCRIPT} first.")

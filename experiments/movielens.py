@@ -16,8 +16,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from experiments.artifacts import (INTERACTIONS_FILE, ITEM_IDS_FILE, ITEMS_FILE, STATS_FILE, atomic_path,
-                                   file_digest, load_json, save_json, save_npy, save_npz)
+from experiments.artifacts import (COLD_FILE, COLD_ITEMS_FILE, INTERACTIONS_FILE, ITEM_IDS_FILE, ITEMS_FILE,
+                                   STATS_FILE, atomic_path, file_digest, load_json, save_json, save_npy, save_npz)
+from modules.cold_start import choose_cold_items, cold_labels, split_cold
 from modules.hashing import pair_hash
 from modules.kcore import kcore_mask
 from modules.split import tied_with_previous
@@ -39,6 +40,8 @@ class PrepareConfig:
     min_user_interactions: int = 5
     min_item_interactions: int = 0
     tie_break: str = "hash"   # order inside a timestamp tie: TIE_BREAKS
+    cold_fraction: float = 0.0   # share of the rated items held out as cold (0: no cold-start split)
+    cold_seed: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,6 +312,45 @@ def tied_events(user_ids: np.ndarray, offsets: np.ndarray, timestamps: np.ndarra
             "test_targets": float(tied[offsets[1:] - 1].mean()) if len(user_ids) else 0.0}
 
 
+def hold_out_cold(user_ids, offsets, item_index, timestamps, rating, n_items: int, fraction: float, seed: int):
+    """Hold a seeded `fraction` of the rated items out as cold (modules.cold_start.split_cold).
+
+    Returns (cold, warm arrays): cold holds the halves' item rows, the examples of each half
+    (valid_/test_ user_row, end, target) and a "stats" dict; the warm arrays are the histories without any
+    event on a cold item, less the users left with fewer than 3 events.
+    """
+    valid_items, test_items = choose_cold_items(np.unique(item_index), fraction, seed)
+    split = split_cold(offsets, item_index, cold_labels(n_items, valid_items, test_items))
+    warm = (user_ids[split.kept_users], split.offsets, item_index[split.keep], timestamps[split.keep],
+            rating[split.keep])
+    cold = {"valid_items": valid_items, "test_items": test_items}
+    for half in ("valid", "test"):
+        examples = getattr(split, half)
+        cold |= {f"{half}_user_row": examples.user_row, f"{half}_end": examples.end, f"{half}_target": examples.target}
+    cold["stats"] = {"fraction": fraction, "seed": seed, "n_cold_items": int(len(valid_items) + len(test_items)),
+                     "n_valid_items": int(len(valid_items)), "n_test_items": int(len(test_items)),
+                     "removed_events": split.n_cold_events, "dropped_users": int((~split.kept_users).sum()),
+                     "n_valid_examples": len(split.valid), "n_test_examples": len(split.test),
+                     "examples": "one per user and half: the user's first event on a cold item of that half, "
+                                 "input = the user's warm events before it (at least one)"}
+    log.info("cold start: %d items held out (%d validation, %d test), %d events removed, %d users left with < 3 "
+             "events dropped; %d validation and %d test cold examples", cold["stats"]["n_cold_items"],
+             len(valid_items), len(test_items), split.n_cold_events, cold["stats"]["dropped_users"],
+             len(split.valid), len(split.test))
+    return cold, warm
+
+
+def save_cold_split(run_dir: Path, item_ids: np.ndarray, cold: dict | None) -> None:
+    """Write cold_items.npy (movieIds) and cold.npz of `hold_out_cold`; with None remove them, so that a run
+    re-prepared without --cold keeps no stale split."""
+    if cold is None:
+        for name in (COLD_ITEMS_FILE, COLD_FILE):
+            (Path(run_dir) / name).unlink(missing_ok=True)
+        return
+    save_npy(Path(run_dir) / COLD_ITEMS_FILE, item_ids[np.sort(np.r_[cold["valid_items"], cold["test_items"]])])
+    save_npz(Path(run_dir) / COLD_FILE, **{k: v for k, v in cold.items() if k != "stats"})
+
+
 def _source_fingerprint(data_dir: Path) -> dict:
     """Size and SHA-1 of each input file: a re-extracted copy of the same data (new mtimes) still matches."""
     paths = (_locate(data_dir, "movies"), _locate(data_dir, "ratings"), data_dir / "links.csv")
@@ -335,11 +377,14 @@ def _same_source(recorded: dict, current: dict) -> bool:
 
 
 def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_interactions: int = 5,
-                         min_item_interactions: int = 0, overwrite: bool = False, tie_break: str = "hash") -> dict:
+                         min_item_interactions: int = 0, overwrite: bool = False, tie_break: str = "hash",
+                         cold_fraction: float = 0.0, cold_seed: int = 0) -> dict:
     """Write items.csv, item_ids.npy, interactions.npz and stats.json into `run_dir`; return the stats.
 
     tie_break: the order of events with the same (userId, timestamp), "hash" (default, unlearnable) or
     "movieid" (ascending, as in published MovieLens numbers); see `tie_rank`.
+    cold_fraction > 0 holds that share of the rated items out as cold (`hold_out_cold`): interactions.npz
+    then has no event on them, and cold_items.npy / cold.npz describe them and their examples.
 
     Skips (returning the saved stats) when stats.json exists for the same input files and settings.
     stats.json is written last, so its presence marks a complete step.
@@ -350,10 +395,14 @@ def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_int
                          "user (train, validation, test).")
     if tie_break not in TIE_BREAKS:
         raise ValueError(f"tie_break = {tie_break!r}: use one of {list(TIE_BREAKS)} (--tie-break).")
-    config = PrepareConfig(min_user_interactions, min_item_interactions, tie_break)
+    if not 0.0 <= cold_fraction < 1.0:
+        raise ValueError(f"cold fraction = {cold_fraction}: use a share in [0, 1), e.g. 0.05 (--cold, make COLD=).")
+    config = PrepareConfig(min_user_interactions, min_item_interactions, tie_break, float(cold_fraction), int(cold_seed))
     stats_path = run_dir / STATS_FILE
     if stats_path.is_file() and not overwrite:
         previous = load_json(stats_path, "experiments/02_prepare_interactions.py")
+        # Records of older versions lack the newer settings: those had their default values then.
+        previous["config"] = {**asdict(PrepareConfig()), **previous.get("config", {})}
         if previous.get("config") == asdict(config) and \
                 _same_source(previous.get("source", {}).get("files", {}), _source_fingerprint(data_dir)):
             log.info("%s exists for the same inputs and settings: skipping (use --overwrite to redo).", stats_path)
@@ -379,6 +428,10 @@ def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_int
     if len(user_ids) == 0:
         raise MovieLensFormatError(f"No user in {ratings_path} has {min_user_interactions} or more "
                                    "ratings: lower --min-user-interactions or use a larger dataset.")
+    cold = None
+    if cold_fraction > 0:
+        cold, (user_ids, offsets, item_index, timestamps, rating) = hold_out_cold(
+            user_ids, offsets, item_index, timestamps, rating, len(item_ids), cold_fraction, cold_seed)
     stats = {**sequence_stats(offsets, len(item_ids), item_index),
              "dropped_users": dropped_users, "dropped_interactions": dropped_events,
              "movies_without_tmdb_id": int(items["tmdbId"].isna().sum()),
@@ -386,6 +439,7 @@ def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_int
              "tie_break": tie_break,
              "tied_events": tied_events(user_ids, offsets, timestamps),
              "split": "leave-one-out: last event = test, second last = validation, rest = train",
+             "cold": None if cold is None else cold["stats"],
              "config": asdict(config),
              "source": {"data_dir": str(data_dir.resolve()), "files": _source_fingerprint(data_dir)},
              "seconds": None}
@@ -395,6 +449,7 @@ def prepare_interactions(data_dir: str | Path, run_dir: str | Path, min_user_int
     save_npy(run_dir / ITEM_IDS_FILE, item_ids)
     save_npz(run_dir / INTERACTIONS_FILE, user_ids=user_ids, offsets=offsets, item_index=item_index,
              timestamps=timestamps, ratings=rating.astype(np.float32))
+    save_cold_split(run_dir, item_ids, cold)
     stats["seconds"] = round(time.perf_counter() - started, 2)
     save_json(stats_path, stats)
     log.info("prepared %d users, %d items, %d interactions in %.1fs -> %s", stats["users"], stats["items"],

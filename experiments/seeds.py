@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.ablation import run_script
-from experiments.artifacts import ArtifactError, load_json, save_json, save_text
+from experiments.artifacts import COLD_FILE, ArtifactError, load_json, save_json, save_text
 from experiments.baselines import METRIC_NAMES, check_result_is_current
 
 log = logging.getLogger(__name__)
@@ -156,10 +156,61 @@ def markdown(summary: dict, run: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarise_run(run: Path, seeds: list[int], extra: dict[str, str] | None = None) -> dict:
-    """Collect, summarise and write RUN/seeds.json and RUN/seeds.md; returns the summary."""
+def cold_seeds(run: Path, seeds: list[int], threads: int | None = None) -> dict[int, dict]:
+    """On a run prepared with --cold: the cold-start evaluation of every seed's models (seed s's TIGERs and
+    SASRec, Semantic-KNN on the run's features, most popular, random) into <seed folder>/cold; {seed: report}."""
+    py, reports = sys.executable, {}
+    for seed in seeds:
+        folder = seed_folder(run, seed)
+        run_script([py, "experiments/11_cold_start.py", "--run", str(run), "--decoder", str(folder / "decoder"),
+                    "--random-decoder", str(folder / "decoder_random_ids"),
+                    "--sasrec", str(folder / "baselines" / "sasrec" / "best.pt"), "--out", str(folder / "cold")]
+                   + (["--threads", str(threads)] if threads else []))
+        reports[seed] = load_json(folder / "cold" / "metrics.json", "experiments/11_cold_start.py")
+    return reports
+
+
+COLD_COLUMNS = ("recall@10", "ndcg@10", "warm recall@10", "cold-only recall@10", "cold-only ndcg@10",
+                "natural cold recall@10")
+
+
+def summarise_cold(reports: dict[int, dict]) -> dict:
+    """Mean ± std over seeds of each model's cold test metrics (epsilon rule), warm recall@10 under the same
+    rule, the cold ranking alone (cold-only) and cold recall@10 without the rule (natural)."""
+    first = next(iter(reports.values()))
+    models = {}
+    for model in first["models"]:
+        runs = [reports[s]["models"][model] for s in sorted(reports)]
+        models[model] = {"recall@10": _mean_std([r["recall@10"] for r in runs]),
+                         "ndcg@10": _mean_std([r["ndcg@10"] for r in runs]),
+                         "warm recall@10": _mean_std([r["warm"]["recall@10"] for r in runs]),
+                         "cold-only recall@10": _mean_std([r["cold_only"]["recall@10"] for r in runs]),
+                         "cold-only ndcg@10": _mean_std([r["cold_only"]["ndcg@10"] for r in runs]),
+                         "natural cold recall@10": _mean_std([r["natural"]["cold"]["recall@10"] for r in runs])}
+    return {"epsilon": first["epsilon"], "n_cold_items": first["n_cold_items"],
+            "n_cold_examples": first["n_cold_examples"], "seeds": sorted(reports), "models": models}
+
+
+def cold_markdown(cold: dict) -> str:
+    lines = ["", f"## Cold start over seeds ({cold['n_cold_items']} cold items, {cold['n_cold_examples']} cold test "
+             f"examples, epsilon {cold['epsilon']}; seeds {cold['seeds']})", "",
+             "| model | " + " | ".join(COLD_COLUMNS) + " |", "|---|" + "---:|" * len(COLD_COLUMNS)]
+    for model, row in cold["models"].items():
+        lines.append(f"| {model} | " + " | ".join(f"{row[c]['mean']:.4f} ± {row[c]['std']:.4f}" for c in COLD_COLUMNS)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise_run(run: Path, seeds: list[int], extra: dict[str, str] | None = None,
+                  threads: int | None = None) -> dict:
+    """Collect, summarise and write RUN/seeds.json and RUN/seeds.md (with the cold-start table on a run prepared
+    with --cold); returns the summary."""
     summary = summarise(collect(run, seeds, extra))
     summary["seeds"] = list(seeds)
+    text = markdown(summary, Path(run))
+    if (Path(run) / COLD_FILE).is_file():
+        summary["cold"] = summarise_cold(cold_seeds(Path(run), seeds, threads))
+        text += cold_markdown(summary["cold"])
     save_json(Path(run) / "seeds.json", summary)
-    save_text(Path(run) / "seeds.md", markdown(summary, Path(run)))
+    save_text(Path(run) / "seeds.md", text)
     return summary

@@ -94,11 +94,14 @@ class BeamResult:
     items:  (B, K) int64 item rows, NO_ITEM (-1) where the ID is not a real item or no beam survived.
     codes:  (B, K, L+1) int64 generated semantic IDs.
     scores: (B, K) float32 summed log-probabilities (-inf for dead beams).
+    prefix_scores: (B, K, L+1) the sum after each level: [..., l] is the log-probability of the first l+1
+            codes (`scores` is the last column).
     """
 
     items: torch.Tensor
     codes: torch.Tensor
     scores: torch.Tensor
+    prefix_scores: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -124,6 +127,7 @@ def beam_search(model: Tiger, src_tokens: torch.Tensor, trie: SemanticIdTrie, be
     seen_counts = trie.seen_counts(seen) if seen is not None else None
 
     codes = torch.zeros(batch, width, 0, dtype=torch.int64, device=device)
+    prefix_scores = torch.zeros(batch, width, 0, device=device)
     keys = torch.zeros(batch, width, dtype=torch.int64, device=device)
     # Every user starts with one live beam (the root); the others are dead copies.
     scores = torch.full((batch, width), float("-inf"), device=device)
@@ -145,13 +149,16 @@ def beam_search(model: Tiger, src_tokens: torch.Tensor, trie: SemanticIdTrie, be
         parent = flat_index // size
         codes = torch.cat([codes.gather(1, parent[:, :, None].expand(-1, -1, level)),
                            (flat_index % size)[:, :, None]], dim=2)
+        prefix_scores = torch.cat([prefix_scores.gather(1, parent[:, :, None].expand(-1, -1, level)),
+                                   scores[:, :, None]], dim=2)
         keys = candidate_keys.view(batch, width * size).gather(1, flat_index)
         if cache:
             state.reorder((beam_rows + parent).reshape(-1))
 
     node, exists = trie.lookup(len(trie.codebook_sizes) - 1, keys)
     items = torch.where(exists & (scores > float("-inf")), trie.leaf_item[node], NO_ITEM)
-    return BeamResult(items=items[:, :top_k], codes=codes[:, :top_k], scores=scores[:, :top_k])
+    return BeamResult(items=items[:, :top_k], codes=codes[:, :top_k], scores=scores[:, :top_k],
+                      prefix_scores=prefix_scores[:, :top_k])
 
 
 def _allowed_children(trie: SemanticIdTrie, level: int, candidate_keys: torch.Tensor,
@@ -207,3 +214,34 @@ def item_log_likelihood(model: Tiger, src_tokens: torch.Tensor, target_codes: to
         total += log_probs.gather(1, target_codes[:, level:level + 1]).squeeze(1)
         prefix = prefix * size + target_codes[:, level]
     return total
+
+
+def renormalise_over_trie(trie: SemanticIdTrie, level_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-level log-probs (B, N, L+1) of every item of `trie` (columns in item order) -> the same, each level
+    renormalised over the children that exist below the item's prefix.
+
+    Their sum over levels is the log-probability of the item under trie-constrained generation (the
+    distribution of `item_log_likelihood`, here for all of a trie's items at once): it sums to 1 over the
+    trie's items for every input. Items sharing a prefix share that prefix's level values, as any decoder
+    gives them.
+    """
+    batch, n_items, n_levels = level_log_probs.shape
+    if n_items != trie.n_items or n_levels != len(trie.codebook_sizes):
+        raise ValueError(f"level log-probs of shape {tuple(level_log_probs.shape)} do not match a trie of "
+                         f"{trie.n_items} items and {len(trie.codebook_sizes)} levels.")
+    out = torch.empty_like(level_log_probs)
+    for level in range(n_levels):
+        node = trie.item_node[level]
+        n_nodes = len(trie.level_keys[level])
+        some_item = torch.empty(n_nodes, dtype=torch.int64, device=node.device)
+        some_item[node] = torch.arange(n_items, device=node.device)
+        node_values = level_log_probs[:, some_item, level]                               # (B, nodes)
+        parent = trie.item_node[level - 1][some_item] if level else torch.zeros_like(some_item)
+        index = parent.expand(batch, -1)
+        n_parents = int(parent.max()) + 1
+        peak = torch.full((batch, n_parents), float("-inf"), device=node_values.device, dtype=node_values.dtype)
+        peak = peak.scatter_reduce(1, index, node_values, "amax")
+        total = torch.zeros_like(peak).scatter_add(1, index, (node_values - peak.gather(1, index)).exp())
+        log_norm = peak + total.log()
+        out[:, :, level] = level_log_probs[:, :, level] - log_norm[:, parent[node]]
+    return out

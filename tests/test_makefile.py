@@ -30,3 +30,15 @@ def test_pipeline_checks_posters_before_preparing_anything(tmp_path):
     result = make("pipeline", f"POSTERS={tmp_path / 'none'}", f"RUN={tmp_path / 'run'}", f"VENV={venv}")
     assert result.returncode == 2 and "no poster folder" in result.stdout
     assert not (tmp_path / "run").exists()  # nothing was prepared
+
+
+def test_cold_prepares_the_split_and_ends_the_pipeline_with_its_evaluation(tmp_path):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed").touch()
+    common = [f"RUN={tmp_path / 'run'}", f"VENV={venv}", f"POSTERS={tmp_path}"]
+    cold = make("-n", "pipeline", "COLD=0.05", *common).stdout
+    assert "02_prepare_interactions.py" in cold and "--cold 0.05" in cold
+    assert cold.index("train_decoder.py") < cold.index("11_cold_start.py") < cold.index("08_report.py")
+    warm = make("-n", "pipeline", *common).stdout
+    assert "--cold" not in warm and "11_cold_start.py" not in warm
