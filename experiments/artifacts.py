@@ -307,7 +307,8 @@ class ColdSet:
     """The cold-start split of a run prepared with --cold (modules.cold_start).
 
     valid_items, test_items: item rows of each cold half. examples[half]: `ColdExamples` in the warm
-    histories' coordinates (user row, exclusive end of the input, cold target row).
+    histories' coordinates (user row, exclusive end of the input, cold target row, the cold event's time;
+    splits written before the time was recorded have None there and no untied subset).
     """
 
     valid_items: np.ndarray
@@ -333,8 +334,8 @@ def load_cold(run: str | os.PathLike) -> ColdSet | None:
         raise ArtifactError(f"{path} lacks {missing}: re-run {PREPARE_SCRIPT} with --overwrite.")
     inter = load_interactions(run)
     cold = ColdSet(arrays["valid_items"], arrays["test_items"],
-                   {h: ColdExamples(arrays[f"{h}_user_row"], arrays[f"{h}_end"], arrays[f"{h}_target"])
-                    for h in ("valid", "test")})
+                   {h: ColdExamples(arrays[f"{h}_user_row"], arrays[f"{h}_end"], arrays[f"{h}_target"],
+                                    arrays.get(f"{h}_timestamp")) for h in ("valid", "test")})
     warm_cold = np.isin(inter.item_index, cold.items)
     if warm_cold.any():
         raise ArtifactError(f"{Path(run) / INTERACTIONS_FILE} holds {int(warm_cold.sum())} events on cold items of "
@@ -343,4 +344,8 @@ def load_cold(run: str | os.PathLike) -> ColdSet | None:
         if ((ex.end < inter.offsets[ex.user_row] + 1) | (ex.end > inter.offsets[ex.user_row + 1])).any():
             raise ArtifactError(f"{path}: {half} examples point outside their users' histories: re-run "
                                 f"{PREPARE_SCRIPT} --overwrite.")
+        if ex.timestamp is not None and (len(ex.timestamp) != len(ex) or
+                                         (ex.timestamp < inter.timestamps[ex.end - 1]).any()):
+            raise ArtifactError(f"{path}: {half}_timestamp does not fit the histories (a cold event before its "
+                                f"input's last event): re-run {PREPARE_SCRIPT} --overwrite.")
     return cold

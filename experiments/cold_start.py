@@ -24,6 +24,7 @@ on validation only.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ EPSILONS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
 N_RECENT = (1, 5, 20)
 MODELS = ("tiger", "tiger_random_ids", "semantic_knn", "sasrec", "popularity", "random")
 TOP = max(DEFAULT_KS)
-EVALUATION_VERSION = 2  # bump when a change to this module changes any number it writes (fingerprinted)
+EVALUATION_VERSION = 3  # bump when a change to this module changes any number it writes (fingerprinted)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Examples:
     start: np.ndarray
     end: np.ndarray
     target: np.ndarray
+    name: str = ""                      # e.g. "cold valid": salts the random model's stream
+    untied: np.ndarray | None = None    # (E,) bool: the input's last event is strictly earlier than the target
 
     def __len__(self) -> int:
         return len(self.target)
@@ -74,13 +77,17 @@ def warm_examples(interactions: artifacts.Interactions, split: str) -> Examples:
     loo = leave_one_out(interactions.offsets)
     ends = loo.valid_pos if split == "valid" else loo.test_pos
     users = np.arange(interactions.n_users)
-    return Examples(users, loo.starts.copy(), ends, interactions.item_index[ends].astype(np.int64))
+    return Examples(users, loo.starts.copy(), ends, interactions.item_index[ends].astype(np.int64), f"warm {split}")
 
 
 def cold_examples(interactions: artifacts.Interactions, cold: artifacts.ColdSet, split: str) -> Examples:
-    """The cold examples of `split`: a user's first event on a cold item of that half."""
+    """The cold examples of `split`: a user's first event on a cold item of that half. `untied` marks those
+    whose input's last event is strictly earlier than the cold event (None when the split has no times):
+    inside a second MovieLens' order is arbitrary, so a same-second input event may be a batch-rating
+    neighbour of the target."""
     ex = cold.examples[split]
-    return Examples(ex.user_row, interactions.offsets[ex.user_row], ex.end, ex.target)
+    untied = None if ex.timestamp is None else interactions.timestamps[ex.end - 1] < ex.timestamp
+    return Examples(ex.user_row, interactions.offsets[ex.user_row], ex.end, ex.target, f"cold {split}", untied)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,7 +156,8 @@ def popularity_scorer(interactions, is_cold: np.ndarray, seed: int):
 
 def random_scorer(n_items: int, seed: int):
     def score(examples: Examples, rows: slice, choice) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + (rows.start or 0))
+        salt = int.from_bytes(hashlib.sha1(examples.name.encode()).digest()[:4], "little")
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + salt * 65_537 + (rows.start or 0))
         return torch.rand(len(examples.target[rows]), n_items, generator=generator)
     return score
 
@@ -228,6 +236,8 @@ def cold_order(model, src: torch.Tensor, trie: SemanticIdTrie, members: np.ndarr
     (`renormalise_over_trie`), i.e. the probability that generation restricted to cold IDs produces them.
     """
     result = beam_search(model, src, trie, trie.n_items, trie.n_items)
+    if (result.items < 0).any():
+        raise AssertionError("the exhaustive beam over the cold trie lost an item: the cold ranking would misalign.")
     in_item_order = torch.argsort(result.items, dim=1)   # the beam holds every cold item once
     joint = result.prefix_scores.float().gather(1, in_item_order[:, :, None].expand(-1, -1, len(trie.codebook_sizes)))
     per_level = torch.diff(joint, dim=2, prepend=torch.zeros_like(joint[:, :, :1]))
@@ -237,7 +247,9 @@ def cold_order(model, src: torch.Tensor, trie: SemanticIdTrie, members: np.ndarr
         scores = cumulative[scoring]
         by_full = torch.sort(scores[:, :, -1], dim=1, descending=True, stable=True).indices
         by_prefix = torch.sort(scores[:, :, depth - 1].gather(1, by_full), dim=1, descending=True, stable=True).indices
-        ranked[(depth, scoring)] = members[by_full.gather(1, by_prefix[:, :TOP]).numpy()]
+        rows = members[by_full.gather(1, by_prefix[:, :TOP]).numpy()]
+        # fewer cold items than TOP: pad like `top_in_group`, so every ranking has TOP columns
+        ranked[(depth, scoring)] = np.pad(rows, ((0, 0), (0, TOP - rows.shape[1])), constant_values=NO_ITEM)
     return ranked
 
 
@@ -262,6 +274,17 @@ def epsilon_metrics(warm_rank: np.ndarray, warm_targets: np.ndarray, cold_rank: 
     empty = lambda n: np.full((n, TOP), NO_ITEM, dtype=np.int64)  # noqa: E731
     return _pooled(reserved_metrics(empty(len(cold_targets)), cold_rank, cold_targets, epsilon),
                    reserved_metrics(warm_rank, empty(len(warm_targets)), warm_targets, epsilon))
+
+
+def untied_metrics(cold_rank: np.ndarray, examples: Examples, epsilon: float) -> dict | None:
+    """Cold metrics under the epsilon rule on the examples whose input ends strictly before the target
+    (`Examples.untied`), with their count; None when the split records no times."""
+    if examples.untied is None:
+        return None
+    empty = np.full((len(examples), TOP), NO_ITEM, dtype=np.int64)
+    per_example = reserved_metrics(empty, cold_rank, examples.target, epsilon)
+    return {"n_examples": int(examples.untied.sum()),
+            **_mean({n: per_example[n][examples.untied] for n in METRIC_NAMES})}
 
 
 def natural_metrics(warm_natural: np.ndarray, warm_targets: np.ndarray, cold_natural: np.ndarray,
@@ -293,6 +316,7 @@ def evaluate_ranker(ranker: Ranker, warm: dict, cold: dict, is_cold: np.ndarray,
         cold_natural = c["natural"][chosen]
         at = epsilon_metrics(warm_rank, warm[split].target, cold_rank, cold[split].target, epsilon)
         entry[split] = {**at["cold"], "warm": at["warm"], "all": at["all"],
+                        "untied": untied_metrics(cold_rank, cold[split], epsilon),
                         "cold_only": _mean(per_user_metrics(cold_rank, cold[split].target)),
                         "natural": natural_metrics(warm_natural, warm[split].target, cold_natural,
                                                    cold[split].target, is_cold)}
@@ -418,6 +442,7 @@ def run_cold_start(run: str | Path, out: str | Path | None = None, features_dir:
     report = {"fraction": stats.get("fraction"), "n_cold_items": int(is_cold.sum()),
               "n_cold_examples": len(colds["test"]), "n_cold_valid_examples": len(colds["valid"]),
               "n_warm_examples": len(warm["test"]), "epsilon": epsilon,
+              "n_untied_cold_examples": None if colds["test"].untied is None else int(colds["test"].untied.sum()),
               "cold_slots": {str(k): cold_slots(k, epsilon) for k in DEFAULT_KS},
               "examples": stats.get("examples"), "test_targets": target_concentration(colds["test"].target),
               "models": {}, "valid_models": {}, "sweep": {}, "settings": {},
@@ -461,16 +486,19 @@ def cold_markdown(report: dict) -> str:
                 if report.get("test_targets") else ""), "",
              "Cold test examples under the epsilon rule; warm and all = the leave-one-out test users alone and "
              "pooled with the cold examples, under the same rule; cold-only = the cold examples against the "
-             "model's cold ranking alone (all 10 slots cold); natural = the model's own ranking, no rule.", "",
-             "| model | setting | " + " | ".join(names) + " | warm recall@10 | all recall@10 | cold-only recall@10 | "
-             "cold-only ndcg@10 | natural cold recall@10 | natural warm recall@10 |",
-             "|---|---|" + "---:|" * (len(names) + 6)]
+             "model's cold ranking alone (all 10 slots cold); natural = the model's own ranking, no rule; untied = "
+             f"the {report.get('n_untied_cold_examples')} cold test examples whose last input event is strictly "
+             "earlier than the target (within a second MovieLens' order is arbitrary).", "",
+             "| model | setting | " + " | ".join(names) + " | untied recall@10 | warm recall@10 | all recall@10 | "
+             "cold-only recall@10 | cold-only ndcg@10 | natural cold recall@10 | natural warm recall@10 |",
+             "|---|---|" + "---:|" * (len(names) + 7)]
     for name, m in report["models"].items():
         setting = report["settings"][name]
         chosen = "" if setting is None else "; ".join(f"{k} = {', '.join(map(str, v)) if isinstance(v, list) else v}"
                                                       for k, v in setting.items() if not k.startswith("valid"))
+        untied = f"{m['untied']['recall@10']:.4f}" if m.get("untied") else "n/a"
         lines.append(f"| {name} | {chosen} | " + " | ".join(f"{m[n]:.4f}" for n in names)
-                     + f" | {m['warm']['recall@10']:.4f} | {m['all']['recall@10']:.4f} | "
+                     + f" | {untied} | {m['warm']['recall@10']:.4f} | {m['all']['recall@10']:.4f} | "
                      f"{m['cold_only']['recall@10']:.4f} | {m['cold_only']['ndcg@10']:.4f} | "
                      f"{m['natural']['cold']['recall@10']:.4f} | {m['natural']['warm']['recall@10']:.4f} |")
     lines += ["", "Validation sweep over epsilon (cold recall@10 / warm recall@10):", "",

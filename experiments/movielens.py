@@ -320,13 +320,14 @@ def hold_out_cold(user_ids, offsets, item_index, timestamps, rating, n_items: in
     event on a cold item, less the users left with fewer than 3 events.
     """
     valid_items, test_items = choose_cold_items(np.unique(item_index), fraction, seed)
-    split = split_cold(offsets, item_index, cold_labels(n_items, valid_items, test_items))
+    split = split_cold(offsets, item_index, cold_labels(n_items, valid_items, test_items), timestamps=timestamps)
     warm = (user_ids[split.kept_users], split.offsets, item_index[split.keep], timestamps[split.keep],
             rating[split.keep])
     cold = {"valid_items": valid_items, "test_items": test_items}
     for half in ("valid", "test"):
         examples = getattr(split, half)
-        cold |= {f"{half}_user_row": examples.user_row, f"{half}_end": examples.end, f"{half}_target": examples.target}
+        cold |= {f"{half}_user_row": examples.user_row, f"{half}_end": examples.end, f"{half}_target": examples.target,
+                 f"{half}_timestamp": examples.timestamp}
     cold["stats"] = {"fraction": fraction, "seed": seed, "n_cold_items": int(len(valid_items) + len(test_items)),
                      "n_valid_items": int(len(valid_items)), "n_test_items": int(len(test_items)),
                      "removed_events": split.n_cold_events, "dropped_users": int((~split.kept_users).sum()),

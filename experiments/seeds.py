@@ -164,14 +164,15 @@ def cold_seeds(run: Path, seeds: list[int], threads: int | None = None) -> dict[
         folder = seed_folder(run, seed)
         run_script([py, "experiments/11_cold_start.py", "--run", str(run), "--decoder", str(folder / "decoder"),
                     "--random-decoder", str(folder / "decoder_random_ids"),
-                    "--sasrec", str(folder / "baselines" / "sasrec" / "best.pt"), "--out", str(folder / "cold")]
+                    "--sasrec", str(folder / "baselines" / "sasrec" / "best.pt"), "--out", str(folder / "cold"),
+                    "--seed", str(seed)]
                    + (["--threads", str(threads)] if threads else []))
         reports[seed] = load_json(folder / "cold" / "metrics.json", "experiments/11_cold_start.py")
     return reports
 
 
-COLD_COLUMNS = ("recall@10", "ndcg@10", "warm recall@10", "cold-only recall@10", "cold-only ndcg@10",
-                "natural cold recall@10")
+COLD_COLUMNS = ("recall@10", "ndcg@10", "untied recall@10", "warm recall@10", "cold-only recall@10",
+                "cold-only ndcg@10", "natural cold recall@10")
 
 
 def summarise_cold(reports: dict[int, dict]) -> dict:
@@ -183,12 +184,15 @@ def summarise_cold(reports: dict[int, dict]) -> dict:
         runs = [reports[s]["models"][model] for s in sorted(reports)]
         models[model] = {"recall@10": _mean_std([r["recall@10"] for r in runs]),
                          "ndcg@10": _mean_std([r["ndcg@10"] for r in runs]),
+                         "untied recall@10": _mean_std([r["untied"]["recall@10"] for r in runs])
+                         if all(r.get("untied") for r in runs) else None,
                          "warm recall@10": _mean_std([r["warm"]["recall@10"] for r in runs]),
                          "cold-only recall@10": _mean_std([r["cold_only"]["recall@10"] for r in runs]),
                          "cold-only ndcg@10": _mean_std([r["cold_only"]["ndcg@10"] for r in runs]),
                          "natural cold recall@10": _mean_std([r["natural"]["cold"]["recall@10"] for r in runs])}
     return {"epsilon": first["epsilon"], "n_cold_items": first["n_cold_items"],
-            "n_cold_examples": first["n_cold_examples"], "seeds": sorted(reports), "models": models}
+            "n_cold_examples": first["n_cold_examples"], "n_untied_cold_examples": first.get("n_untied_cold_examples"),
+            "seeds": sorted(reports), "models": models}
 
 
 def cold_markdown(cold: dict) -> str:
@@ -196,8 +200,8 @@ def cold_markdown(cold: dict) -> str:
              f"examples, epsilon {cold['epsilon']}; seeds {cold['seeds']})", "",
              "| model | " + " | ".join(COLD_COLUMNS) + " |", "|---|" + "---:|" * len(COLD_COLUMNS)]
     for model, row in cold["models"].items():
-        lines.append(f"| {model} | " + " | ".join(f"{row[c]['mean']:.4f} ± {row[c]['std']:.4f}" for c in COLD_COLUMNS)
-                     + " |")
+        lines.append(f"| {model} | " + " | ".join("n/a" if row[c] is None else f"{row[c]['mean']:.4f} ± {row[c]['std']:.4f}"
+                                                  for c in COLD_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -61,12 +61,14 @@ class ColdExamples:
     """One example per (user, half), in the coordinates of the warm CSR arrays.
 
     user_row (C,): the user's row in the warm histories; end (C,): exclusive end of the input history (the
-    warm events before the cold event) in the warm CSR; target (C,): the cold item row.
+    warm events before the cold event) in the warm CSR; target (C,): the cold item row; timestamp (C,): the
+    cold event's unix seconds (None for splits written before it was recorded).
     """
 
     user_row: np.ndarray
     end: np.ndarray
     target: np.ndarray
+    timestamp: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target)
@@ -89,13 +91,14 @@ class ColdSplit:
 
 
 def split_cold(offsets: np.ndarray, item_index: np.ndarray, labels: np.ndarray, min_warm_events: int = 3,
-               min_history: int = 1) -> ColdSplit:
+               min_history: int = 1, timestamps: np.ndarray | None = None) -> ColdSplit:
     """Remove every event on a cold item from time-ordered CSR histories and form the cold examples.
 
     offsets (U+1,), item_index (E,): the histories; labels (N,): `cold_labels`. A user keeps their warm
     events if they have at least `min_warm_events` (leave-one-out needs 3). A user's example for a half is
     their first event on an item of that half, kept when at least `min_history` warm events precede it;
-    its input is those warm events (never a cold item, of either half).
+    its input is those warm events (never a cold item, of either half). timestamps (E,): when given, each
+    example records its cold event's (`ColdExamples.timestamp`, for the untied subset of the evaluation).
     """
     offsets, item_index = np.asarray(offsets, dtype=np.int64), np.asarray(item_index)
     lengths = np.diff(offsets)
@@ -116,7 +119,8 @@ def split_cold(offsets: np.ndarray, item_index: np.ndarray, labels: np.ndarray, 
         first = first[warm_before[first] >= min_history]
         rows = new_row[user[first]]
         return ColdExamples(user_row=rows.astype(np.int64), end=new_offsets[rows] + warm_before[first],
-                            target=item_index[first].astype(np.int64))
+                            target=item_index[first].astype(np.int64),
+                            timestamp=None if timestamps is None else np.asarray(timestamps)[first].astype(np.int64))
 
     return ColdSplit(keep=keep, kept_users=kept_users, offsets=new_offsets, valid=examples(COLD_VALID),
                      test=examples(COLD_TEST), n_cold_events=int((~warm).sum()))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from experiments import artifacts
-from experiments.cold_start import (EPSILONS, Examples, cold_order, epsilon_metrics, knn_scorer, run_cold_start,
+from experiments.cold_start import (EPSILONS, TOP, Examples, cold_order, epsilon_metrics, knn_scorer, run_cold_start,
                                     score_ranker)
 from experiments.baselines import write_run_report
 from experiments.ml25m import HeldOut, tags_block
@@ -58,6 +58,25 @@ def test_split_cold_known_answer():
     assert (split.valid.user_row.tolist(), split.valid.end.tolist(), split.valid.target.tolist()) == ([0], [2], [5])
     # user 0's test-cold event: 3 warm events before it (the valid-cold item is not in the input)
     assert (split.test.user_row.tolist(), split.test.end.tolist(), split.test.target.tolist()) == ([0], [3], [6])
+    assert split.test.timestamp is None                       # no times given, none recorded
+
+
+def test_cold_examples_record_the_cold_events_time_and_flag_same_second_inputs():
+    # user 0: a b C a2 D at seconds 10 20 20 30 30: C ties with b (its last input), D ties with a2
+    # user 1: x y z E (E = a second valid-cold item) at 1 2 3 4: untied
+    offsets = np.array([0, 5, 9])
+    item_index = np.array([0, 1, 5, 2, 6, 3, 4, 0, 7])
+    times = np.array([10, 20, 20, 30, 30, 1, 2, 3, 4])
+    split = split_cold(offsets, item_index, cold_labels(8, [5, 7], [6]), timestamps=times)
+    assert split.valid.target.tolist() == [5, 7] and split.valid.timestamp.tolist() == [20, 4]
+    assert split.test.timestamp.tolist() == [30]
+    warm_times = times[split.keep]
+    inter = artifacts.Interactions(np.array([0, 1]), split.offsets, item_index[split.keep], warm_times,
+                                   np.ones(split.keep.sum(), np.float32))
+    cold = artifacts.ColdSet(np.array([5, 7]), np.array([6]), {"valid": split.valid, "test": split.test})
+    from experiments.cold_start import cold_examples
+    assert cold_examples(inter, cold, "valid").untied.tolist() == [False, True]
+    assert cold_examples(inter, cold, "test").untied.tolist() == [False]
 
 
 def test_prepared_cold_items_reach_no_training_input_count_or_feature(tiny_demo_data, tmp_path):
@@ -190,6 +209,28 @@ def test_prefix_scores_and_cold_order_equal_exhaustive_scoring():
         assert (codes[ranked[(1, "joint")][row, :n_best[row]], 0].numpy() == best[row]).all()
 
 
+def test_cold_order_pads_when_there_are_fewer_cold_items_than_the_list():
+    torch.manual_seed(0)
+    sizes = (3, 2)
+    codes = torch.tensor([[a, b] for a in range(3) for b in range(2)])
+    model = Tiger(vocab=Vocabulary(sizes, 5), max_history=2, embed_dim=16, attn_dim=16, n_heads=2, mlp_dim=32,
+                  n_layers=2).eval()
+    src = torch.randint(2, 7, (3, 1 + 2 * 2))
+    members = np.array([1, 4, 5])
+    ranked = cold_order(model, src, SemanticIdTrie(codes[members], sizes), members, ((1, "joint"),))[(1, "joint")]
+    assert ranked.shape == (3, TOP)
+    assert (np.sort(ranked[:, :3], axis=1) == members).all() and (ranked[:, 3:] == NO_ITEM).all()
+
+
+def test_random_model_draws_other_scores_for_other_example_sets():
+    from experiments.cold_start import Examples, random_scorer
+    score = random_scorer(50, seed=0)
+    same = np.zeros(4, np.int64)
+    warm, cold = (Examples(same, same, same, same, name) for name in ("warm test", "cold test"))
+    assert torch.equal(score(warm, slice(0, 4), None), score(warm, slice(0, 4), None))
+    assert not torch.equal(score(warm, slice(0, 4), None), score(cold, slice(0, 4), None))
+
+
 def test_renormalise_over_trie_known_answer():
     # two first codes; under code 0 two children, under code 1 one child
     trie = SemanticIdTrie(torch.tensor([[0, 0], [0, 1], [1, 0]]), (2, 2))
@@ -230,6 +271,12 @@ def test_tiger_reaches_cold_items_by_their_code_prefix_and_the_report_holds_the_
                             beam_width=trained["beam_width"])
     tiger, random = report["models"]["tiger"], report["models"]["random"]
     assert report["n_cold_examples"] == len(cold.examples["test"]) and report["cold_slots"] == {"5": 3, "10": 5}
+    # the untied subset: the examples whose last input event is strictly earlier than the cold event
+    inter = artifacts.load_interactions(run)
+    test = cold.examples["test"]
+    untied = inter.timestamps[test.end - 1] < test.timestamp
+    assert report["n_untied_cold_examples"] == tiger["untied"]["n_examples"] == int(untied.sum()) > 0
+    assert 0.0 <= tiger["untied"]["recall@10"] <= 1.0
     assert tiger["recall@10"] >= 0.8 and random["recall@10"] <= 0.5, (tiger, random)
     assert tiger["cold_only"]["recall@10"] == 1.0      # 20 cold items, 10 slots: the 5 of the group are in
     depth, scoring = report["settings"]["tiger"]["prefix_depth, scoring"]
