@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,8 +15,8 @@ from experiments.artifacts import ArtifactError
 from experiments.tmdb_details import details_line, load_tmdb_details
 from experiments.tmdb_posters import DETAILS_SUMMARY_FILE, SUMMARY_FILE, TmdbCredentials, download_posters
 from tests.fake_servers import FakeTmdbServer, closed_port_url, movie_credits, movie_details, movie_keywords
-from tests.test_download_posters import KEY, REPO, SAMPLES, assert_posters_valid, fast_settings, load_script, \
-    log_entries, write_links
+from tests.test_download_posters import KEY, REPO, SAMPLES, assert_posters_valid, fast_settings, kill_when, \
+    load_script, log_entries, script_command, write_links
 
 REAL_DETAILS = REPO.parent / "shared" / "data" / "ml-latest-small-tmdb" / "details.jsonl"
 APPEND = ["credits,keywords"]
@@ -263,19 +260,9 @@ def test_kill_mid_run_then_rerun_leaves_one_complete_line_per_movie(tmp_path):
     data = write_links(tmp_path / "data", [(m, 1000 + m) for m in range(1, n + 1)])
     movies = {1000 + m: f"/p{m}.jpg" for m in range(1, n + 1) if m not in missing}
     with FakeTmdbServer(movies, api_key=KEY, latency=0.04) as server:
-        command = [sys.executable, str(REPO / "experiments" / "03_download_posters.py"), "--data", str(data),
-                   "--failed-log", str(data / "failed.txt"), "--api-base", server.url,
-                   "--image-base", server.url + "/t/p", "--workers", "4", "--rate", "0", "--timeout", "5"]
-        env = {**os.environ, "TMDB_API_KEY": KEY}
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            if details_path(data).is_file() and details_path(data).read_bytes().count(b"\n") >= 15:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the first run must still be running when it is killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        command, env = script_command(data, server), {**os.environ, "TMDB_API_KEY": KEY}
+        kill_when(command, env, lambda: details_path(data).is_file()
+                  and details_path(data).read_bytes().count(b"\n") >= 15)
         before = {line["movieId"] for line in saved_lines(data)}
         assert 15 <= len(before) < n - len(missing)
         # one write per line cannot be torn by SIGKILL; a crash of the machine could: simulate one
