@@ -1,23 +1,29 @@
-"""Download one TMDB poster per MovieLens movie (step 3 of the pipeline).
+"""Download one TMDB poster and the TMDB details of every MovieLens movie (step 3 of the pipeline).
 
-For every row of `<data>/links.csv` with a tmdbId: GET `<api>/3/movie/{tmdbId}`, take `poster_path`,
-GET `<image_base>/<size><poster_path>`, check that Pillow decodes the image fully, and write it to
-`<posters>/{movieId}.jpg` through a temporary name (a kill never leaves a partial poster). The bytes
-are stored as TMDB sends them (no re-encoding).
+For every row of `<data>/links.csv` with a tmdbId: GET `<api>/3/movie/{tmdbId}?append_to_response=credits,keywords`
+(one request per movie for both halves), append the response as received to the details file
+(default `<data>/tmdb/details.jsonl`, format and crash safety in experiments/tmdb_details.py), take
+`poster_path`, GET `<image_base>/<size><poster_path>`, check that Pillow decodes the image fully, and write
+it to `<posters>/{movieId}.jpg` through a temporary name (a kill never leaves a partial poster). The bytes
+are stored as TMDB sends them (no re-encoding). Either half can run alone (`fetch_posters` /
+`fetch_details`); a posters-only run asks `/3/movie/{tmdbId}` without `append_to_response` and writes no
+details; a details-only run fetches no image. A movie whose details are saved but whose poster is
+missing gets the plain `/3/movie/{tmdbId}` request and its image, and nothing else.
 
 Requests run in a thread pool under one token-bucket rate limit shared by all threads. 429, 5xx,
-timeouts, dropped connections and undecodable images are retried with exponential backoff and
-jitter (429 honours `Retry-After` and pauses every thread); 404 is recorded as `not_found` at once;
-401 stops the whole run (`InvalidKeyError`).
+timeouts, dropped connections, undecodable images and non-JSON bodies are retried with exponential
+backoff and jitter (429 honours `Retry-After` and pauses every thread); 404 is recorded as `not_found`
+at once; 401 stops the whole run (`InvalidKeyError`).
 
-The failure log (default `experiments/failed_posters.txt`) is the list of movies that currently have
-no poster, one tab-separated line per failure: `movieId  tmdbId  reason  time_utc` (tmdbId empty when
-links.csv has none), after a `# posters: <folder>` header naming the posters folder it belongs to.
-Each failure is appended, flushed and fsynced at once. A normal run skips the movies already in the
-log (so reruns do not hammer TMDB for known 404s); `retry_failed=True` retries only those movies.
-At the start and end of every run the log is compacted atomically: one line per movie (its latest
-failure), and no line for a movie whose poster is now on disk. So after a finished run every movie of
-links.csv has either a valid poster or exactly one line in the log.
+Each half has its failure log, the list of movies that currently lack that half, one tab-separated line
+per failure: `movieId  tmdbId  reason  time_utc` (tmdbId empty when links.csv has none), after a header
+naming what it belongs to: `# posters: <folder>` in `experiments/failed_posters.txt` (default) and
+`# details: <details file>` in `failed_details.txt` beside it. Each failure is appended, flushed and
+fsynced at once. A normal run skips the movies already in a log (so reruns do not hammer TMDB for known
+404s); `retry_failed=True` retries only those movies. At the start and end of every run each log is
+compacted atomically: one line per movie (its latest failure), and no line for a movie whose poster is
+now on disk (posters) or whose line is now in the details file (details). So after a finished run every
+movie of links.csv has, for each half, either its poster / details line or exactly one line in the log.
 
 The TMDB key (v3 `api_key` query parameter) or read token (v4 `Authorization: Bearer`) is only sent
 to the API host, never to the image host, and is scrubbed from every message this module logs.
@@ -47,6 +53,7 @@ from tqdm import tqdm
 
 from experiments import download
 from experiments.artifacts import atomic_path, save_json, save_text
+from experiments.tmdb_details import APPEND_TO_RESPONSE, append_line, details_line, drop_torn_last_line, iter_details
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,7 @@ DEFAULT_API_BASE = "https://api.themoviedb.org"
 DEFAULT_IMAGE_BASE = "https://image.tmdb.org/t/p"
 DEFAULT_IMAGE_SIZE = "w500"
 SUMMARY_FILE = "_summary.json"  # written inside the posters folder; not a poster (no movieId name)
+DETAILS_SUMMARY_FILE = "details_summary.json"  # written beside the details file
 
 
 class InvalidKeyError(RuntimeError):
@@ -331,17 +339,28 @@ class FailureEntry:
         return f"{self.movie_id}\t{tmdb}\t{self.reason}\t{self.time_utc}\n"
 
 
-class FailureLog:
-    """The append-only, fsynced failure log of one posters folder (format in the module docstring)."""
+_LOG_OWNER = re.compile(r"^# (posters|details): (.*)$")
+_LOG_FLAG = {"posters": "--failed-log", "details": "--failed-details-log"}
 
-    def __init__(self, path: str | os.PathLike, posters: Path):
-        self.path = Path(path)
-        self.posters = posters
-        self.header = f"# posters: {posters.resolve()}\n# movieId\ttmdbId\treason\ttime_utc\n"
+
+class FailureLog:
+    """The append-only, fsynced failure log of one half (format in the module docstring).
+
+    kind 'posters': `owner` is the posters folder, a movie is done once its poster file exists.
+    kind 'details': `owner` is the details file, a movie is done when `is_done(movieId)` says so.
+    """
+
+    def __init__(self, path: str | os.PathLike, owner: Path, kind: str = "posters",
+                 is_done: Callable[[int], bool] | None = None):
+        if kind not in _LOG_FLAG:
+            raise ValueError(f"FailureLog kind {kind!r} is not one of {sorted(_LOG_FLAG)}")
+        self.path, self.owner, self.kind = Path(path), Path(owner), kind
+        self.is_done = is_done or (lambda movie_id: poster_path_for(self.owner, movie_id).exists())
+        self.header = f"# {kind}: {self.owner.resolve()}\n# movieId\ttmdbId\treason\ttime_utc\n"
         self.lock = threading.Lock()
 
     def read(self) -> dict[int, FailureEntry]:
-        """Latest entry per movieId. Raises ValueError if the log belongs to another posters folder."""
+        """Latest entry per movieId. Raises ValueError if the log belongs to another folder, file or half."""
         if not self.path.is_file():
             return {}
         entries: dict[int, FailureEntry] = {}
@@ -349,11 +368,12 @@ class FailureLog:
         if lines[-1]:  # no final newline: a write torn by a kill; that movie is simply retried
             log.warning("%s: ignoring an incomplete last line %r", self.path, lines[-1])
         for line_no, line in enumerate(lines[:-1], start=1):
-            if line.startswith("# posters: "):
-                owner = line[len("# posters: "):]
-                if owner != str(self.posters.resolve()):
-                    raise ValueError(f"{self.path} records failures for {owner}, not {self.posters.resolve()}: "
-                                     f"pass another --failed-log, or delete that file if it is stale.")
+            owner = _LOG_OWNER.match(line)
+            if owner:
+                if (owner[1], owner[2]) != (self.kind, str(self.owner.resolve())):
+                    raise ValueError(f"{self.path} records failures for {owner[1]} {owner[2]}, not {self.kind} "
+                                     f"{self.owner.resolve()}: pass another {_LOG_FLAG[self.kind]}, or delete that "
+                                     f"file if it is stale.")
                 continue
             if not line.strip() or line.startswith("#"):
                 continue
@@ -378,12 +398,58 @@ class FailureLog:
                 os.fsync(fh.fileno())
 
     def compact(self) -> dict[int, FailureEntry]:
-        """Rewrite the log atomically: latest line per movie, none for movies with a poster on disk."""
-        entries = {m: e for m, e in self.read().items() if not poster_path_for(self.posters, m).exists()}
+        """Rewrite the log atomically: latest line per movie, none for movies that are done now."""
+        entries = {m: e for m, e in self.read().items() if not self.is_done(m)}
         if self.path.exists() or entries:
             with self.lock:
                 save_text(self.path, self.header + "".join(e.line() for e in entries.values()))
         return entries
+
+
+# ----------------------------------------------------------------------------------------------------
+# The details file
+# ----------------------------------------------------------------------------------------------------
+
+class DetailsStore:
+    """The details file of one run: which movies it already holds, and thread-safe, crash-safe appends."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.saved: set[int] = set()
+        self.lock = threading.Lock()
+
+    def open(self, links: list[MovieLink]) -> int:
+        """Repair a torn last line, then read which movies are saved; return the bytes dropped.
+
+        `links` is the whole links.csv: a saved line whose movieId is not there, or whose tmdbId differs
+        from it, belongs to another dataset (ValueError naming the line and the fix).
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        dropped = drop_torn_last_line(self.path)
+        if dropped:
+            log.warning("%s: dropped a torn last line (%d bytes, left by a killed run); that movie is fetched again",
+                        self.path, dropped)
+        if not self.path.is_file():
+            return dropped
+        tmdb_of = {link.movie_id: link.tmdb_id for link in links}
+        for line_no, movie_id, tmdb_id, _ in iter_details(self.path):
+            if movie_id not in tmdb_of or tmdb_of[movie_id] != tmdb_id:
+                said = "has no such movieId" if movie_id not in tmdb_of else f"gives tmdbId {tmdb_of[movie_id]}"
+                raise ValueError(f"{self.path} line {line_no}: movieId {movie_id} has tmdbId {tmdb_id}, but links.csv "
+                                 f"{said}: the file belongs to another dataset or links.csv changed; pass another "
+                                 f"--details-out, or delete that line (or the file) to fetch it again.")
+            self.saved.add(movie_id)
+        return dropped
+
+    def __contains__(self, movie_id: int) -> bool:
+        return movie_id in self.saved
+
+    def append(self, movie: MovieLink, response: dict) -> None:
+        """Save one movie's response now (one atomic line, fsynced; thread-safe)."""
+        line = details_line(movie.movie_id, movie.tmdb_id, response)
+        with self.lock:
+            append_line(self.path, line)
+            self.saved.add(movie.movie_id)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -405,8 +471,28 @@ class DownloadSettings:
 
 
 @dataclass
+class DetailsCounts:
+    """Counts of the details half of one run."""
+
+    saved: int = 0
+    skipped_existing: int = 0
+    skipped_known_failure: int = 0
+    failures_by_reason: dict = field(default_factory=collections.Counter)
+
+    def as_dict(self) -> dict:
+        return {"saved": self.saved, "skipped_existing": self.skipped_existing,
+                "skipped_known_failure": self.skipped_known_failure,
+                "not_found": self.failures_by_reason.get("not_found", 0),
+                "failed": sum(self.failures_by_reason.values()) - self.failures_by_reason.get("not_found", 0),
+                "failures_by_reason": dict(sorted(self.failures_by_reason.items()))}
+
+
+@dataclass
 class RunSummary:
-    """Counts of one run, written as JSON next to the posters."""
+    """Counts of one run, written as JSON next to the posters (and the details file).
+
+    The top-level counts are the posters half; `details` holds the details half (None when it did not run).
+    """
 
     movies: int = 0
     attempted: int = 0
@@ -414,6 +500,7 @@ class RunSummary:
     skipped_existing: int = 0
     skipped_known_failure: int = 0
     failures_by_reason: dict = field(default_factory=collections.Counter)
+    details: DetailsCounts | None = None
     stopped: str | None = None
     elapsed_seconds: float = 0.0
 
@@ -431,16 +518,31 @@ class RunSummary:
                 "skipped_existing": self.skipped_existing, "skipped_known_failure": self.skipped_known_failure,
                 "not_found": self.not_found, "failed": self.failed,
                 "failures_by_reason": dict(sorted(self.failures_by_reason.items())),
+                "details": None if self.details is None else self.details.as_dict(),
                 "stopped": self.stopped, "elapsed_seconds": round(self.elapsed_seconds, 3),
                 "posters_per_second": round(self.downloaded / self.elapsed_seconds, 3) if self.elapsed_seconds else None}
 
 
-class PosterDownloader:
-    """Downloads posters for a list of movies; see the module docstring for the behaviour."""
+@dataclass(frozen=True)
+class Job:
+    """What one movie needs this run: its poster (unless a valid one is on disk) and/or its details."""
 
-    def __init__(self, posters: Path, credentials: TmdbCredentials, failure_log: FailureLog,
-                 settings: DownloadSettings | None = None, overwrite: bool = False):
+    movie: MovieLink
+    poster: bool
+    details: bool
+
+
+class PosterDownloader:
+    """Downloads posters and details for a list of jobs; see the module docstring for the behaviour.
+
+    details / details_log: the details file and its failure log (both needed by jobs with `details`).
+    """
+
+    def __init__(self, posters: Path, credentials: TmdbCredentials, failure_log: FailureLog | None,
+                 settings: DownloadSettings | None = None, overwrite: bool = False,
+                 details: DetailsStore | None = None, details_log: FailureLog | None = None):
         self.posters, self.credentials, self.failure_log = Path(posters), credentials, failure_log
+        self.details, self.details_log = details, details_log
         self.settings = settings or DownloadSettings()
         self.overwrite = overwrite
         self.limiter = RateLimiter(self.settings.rate, self.settings.burst)
@@ -449,34 +551,69 @@ class PosterDownloader:
 
     # -- one movie --------------------------------------------------------------------------------
 
-    def process(self, movie: MovieLink) -> str:
-        """Download one poster; return 'downloaded' or 'skipped_existing', or the failure reason (logged)."""
+    def process(self, job: Job) -> dict[str, str]:
+        """Do one movie's job with at most one API request; return {half: outcome} for 'poster'/'details'.
+
+        Poster outcomes: 'downloaded', 'skipped_existing' or the failure reason; details: 'saved' or the
+        failure reason. Every failure is written to that half's log before this returns.
+        """
+        movie, outcome = job.movie, {}
+        want_poster = job.poster and self._poster_missing(movie, outcome)
+        if not want_poster and not job.details:
+            return outcome
+        try:
+            if movie.tmdb_id is None:
+                raise _Failure("no_tmdb_id")
+            extra = {"append_to_response": APPEND_TO_RESPONSE} if job.details else {}
+            response = self._get(f"{self.settings.api_base.rstrip('/')}/3/movie/{movie.tmdb_id}", authenticated=True,
+                                 parse=_parse_json_object, bad_body="invalid_json", extra_params=extra)
+        except _Failure as failure:  # no answer: every half this movie wanted fails for the same reason
+            if want_poster:
+                outcome["poster"] = self._record("poster", movie, failure)
+            if job.details:
+                outcome["details"] = self._record("details", movie, failure)
+            return outcome
+        if job.details:
+            self.details.append(movie, response)
+            outcome["details"] = "saved"
+        if want_poster:
+            try:
+                outcome["poster"] = self._fetch_poster(movie, response.get("poster_path"))
+            except _Failure as failure:
+                outcome["poster"] = self._record("poster", movie, failure)
+            except _Stopped:  # the details are saved: report them, the poster was simply not attempted
+                pass
+        return outcome
+
+    def _poster_missing(self, movie: MovieLink, outcome: dict) -> bool:
+        """False (outcome 'skipped_existing') when a valid poster is on disk and we do not overwrite."""
         target = poster_path_for(self.posters, movie.movie_id)
         if target.exists() and not self.overwrite:
             if is_valid_poster(target):
-                return "skipped_existing"
+                outcome["poster"] = "skipped_existing"
+                return False
             # delete it now: if the new download fails, the log line must not be dropped by compact()
             # (which treats any file on disk as a poster), and no undecodable file may stay behind
             log.warning("%s does not decode; deleting it and downloading it again", target)
             target.unlink(missing_ok=True)
-        try:
-            if movie.tmdb_id is None:
-                raise _Failure("no_tmdb_id")
-            details = self._get(f"{self.settings.api_base.rstrip('/')}/3/movie/{movie.tmdb_id}",
-                                authenticated=True, parse=_parse_json, bad_body="invalid_json")
-            poster_path = details.get("poster_path") if isinstance(details, dict) else None
-            if not poster_path:
-                raise _Failure("no_poster_path")
-            url = f"{self.settings.image_base.rstrip('/')}/{self.settings.image_size}/{poster_path.lstrip('/')}"
-            image = self._get(url, authenticated=False, parse=_checked_image, bad_body="invalid_image")
-        except _Failure as failure:
-            self.failure_log.append(movie, failure.reason)
-            log.debug("movie %d (tmdb %s): %s", movie.movie_id, movie.tmdb_id,
-                      scrub(str(failure), self.credentials.secrets))
-            return failure.reason
-        with atomic_path(target) as tmp:
+        return True
+
+    def _fetch_poster(self, movie: MovieLink, poster_path) -> str:
+        """Download the image at `poster_path` and write it atomically; 'downloaded' or `_Failure`."""
+        if not isinstance(poster_path, str) or not poster_path:
+            raise _Failure("no_poster_path")
+        url = f"{self.settings.image_base.rstrip('/')}/{self.settings.image_size}/{poster_path.lstrip('/')}"
+        image = self._get(url, authenticated=False, parse=_checked_image, bad_body="invalid_image")
+        with atomic_path(poster_path_for(self.posters, movie.movie_id)) as tmp:
             tmp.write_bytes(image)
         return "downloaded"
+
+    def _record(self, half: str, movie: MovieLink, failure: _Failure) -> str:
+        """Write one failure to that half's log; return its reason."""
+        (self.failure_log if half == "poster" else self.details_log).append(movie, failure.reason)
+        log.debug("movie %d (tmdb %s) %s: %s", movie.movie_id, movie.tmdb_id, half,
+                  scrub(str(failure), self.credentials.secrets))
+        return failure.reason
 
     def _session(self) -> requests.Session:
         """One requests.Session per thread (Session is not guaranteed thread-safe)."""
@@ -484,13 +621,16 @@ class PosterDownloader:
             self._local.session = requests.Session()
         return self._local.session
 
-    def _get(self, url: str, authenticated: bool, parse: Callable[[bytes], object], bad_body: str):
+    def _get(self, url: str, authenticated: bool, parse: Callable[[bytes], object], bad_body: str,
+             extra_params: dict | None = None):
         """GET `url` under the rate limit with retries; return `parse(body)` or raise `_Failure`/`_Stopped`.
 
         bad_body: the failure reason when `parse` rejects a 200 body (e.g. 'invalid_image').
+        extra_params: query parameters besides the credentials (e.g. append_to_response).
         """
         retry = self.settings.retry
         params, headers = self.credentials.request_args() if authenticated else ({}, {})
+        params = {**params, **(extra_params or {})}
         for attempt in range(retry.retries + 1):
             self.limiter.acquire(self.stop)
             if self.stop.is_set():
@@ -539,26 +679,29 @@ class PosterDownloader:
 
     # -- the run ------------------------------------------------------------------------------------
 
-    def run(self, movies: list[MovieLink], summary: RunSummary) -> RunSummary:
-        """Process `movies` in the thread pool, counting into `summary`.
+    def run(self, jobs: list[Job], summary: RunSummary) -> RunSummary:
+        """Process `jobs` in the thread pool, counting into `summary`.
 
         On 401 (or Ctrl-C) the run stops at once: queued movies are cancelled, running ones see
         `stop` before their next request, and `summary.stopped` says why.
         """
-        summary.attempted = len(movies)
+        summary.attempted = len(jobs)
         started = time.monotonic()
-        self.posters.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(self.settings.workers, thread_name_prefix="poster") as pool, \
-                tqdm(total=len(movies), desc="posters", unit="movie") as bar:
-            pending = {pool.submit(self.process, movie) for movie in movies}
+        with ThreadPoolExecutor(self.settings.workers, thread_name_prefix="tmdb") as pool, \
+                tqdm(total=len(jobs), desc="tmdb", unit="movie") as bar:
+            pending = {pool.submit(self.process, job) for job in jobs}
             try:
                 while pending and summary.stopped is None:
                     done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                     for future in done:
                         self._tally(future, summary)
                         bar.update(1)
-                    bar.set_postfix(downloaded=summary.downloaded, skipped=summary.skipped_existing,
-                                    failed=sum(summary.failures_by_reason.values()), refresh=False)
+                    postfix = dict(posters=summary.downloaded, skipped=summary.skipped_existing,
+                                   failed=sum(summary.failures_by_reason.values()))
+                    if summary.details is not None:
+                        postfix.update(details=summary.details.saved,
+                                       details_failed=sum(summary.details.failures_by_reason.values()))
+                    bar.set_postfix(**postfix, refresh=False)
             except KeyboardInterrupt:
                 summary.stopped = "interrupted"
             finally:  # cancel what has not started; running requests see `stop` and give up
@@ -580,20 +723,29 @@ class PosterDownloader:
             return
         except _Stopped:
             return
-        if outcome == "downloaded":
+        poster = outcome.get("poster")
+        if poster == "downloaded":
             summary.downloaded += 1
-        elif outcome == "skipped_existing":
+        elif poster == "skipped_existing":
             summary.skipped_existing += 1
-        else:
-            summary.failures_by_reason[outcome] += 1
+        elif poster is not None:
+            summary.failures_by_reason[poster] += 1
+        details = outcome.get("details")
+        if details == "saved":
+            summary.details.saved += 1
+        elif details is not None:
+            summary.details.failures_by_reason[details] += 1
 
 
-def _parse_json(body: bytes) -> object:
-    """JSON body, or `_BadContent`."""
+def _parse_json_object(body: bytes) -> dict:
+    """JSON object body (TMDB answers every /3/movie request with one), or `_BadContent`."""
     try:
-        return json.loads(body)
+        obj = json.loads(body)
     except ValueError as exc:
         raise _BadContent(f"not JSON: {body[:40]!r}") from exc
+    if not isinstance(obj, dict):
+        raise _BadContent(f"JSON {type(obj).__name__}, not an object: {body[:40]!r}")
+    return obj
 
 
 def _checked_image(body: bytes) -> bytes:
@@ -608,41 +760,78 @@ def _checked_image(body: bytes) -> bytes:
 
 def download_posters(data: str | os.PathLike, credentials: TmdbCredentials, *, posters: str | os.PathLike | None = None,
                      failed_log: str | os.PathLike = "experiments/failed_posters.txt",
+                     details_out: str | os.PathLike | None = None, failed_details_log: str | os.PathLike | None = None,
+                     fetch_posters: bool = True, fetch_details: bool = True,
                      settings: DownloadSettings | None = None, retry_failed: bool = False,
                      overwrite: bool = False, limit: int | None = None) -> dict:
-    """Download posters for `<data>/links.csv` into `posters` (default `<data>/posters`); return the summary.
+    """Step 3 for `<data>/links.csv`: posters into `posters` (default `<data>/posters`) and details into
+    `details_out` (default `<data>/tmdb/details.jsonl`); return the summary.
 
-    retry_failed: only the movies in the failure log. overwrite: download every movie again, known
-    failures included (a valid poster is replaced atomically). limit: only the first `limit` rows.
-    Raises InvalidKeyError on HTTP 401 (after writing the partial summary and compacting the log).
+    failed_details_log: default `failed_details.txt` beside `failed_log`. fetch_posters / fetch_details:
+    run only one half (a half that does not run reads and writes none of its files). retry_failed: only the
+    movies in a failure log (each half retries its own). overwrite: download every poster again, known
+    failures included (a valid poster is replaced atomically); saved details are kept (delete their lines
+    to fetch them again). limit: only the first `limit` rows.
+    Raises InvalidKeyError on HTTP 401 (after writing the partial summary and compacting the logs).
     """
+    if not (fetch_posters or fetch_details):
+        raise ValueError("nothing to do: fetch_posters and fetch_details are both off (--posters-only and "
+                         "--details-only cannot be combined).")
     data = Path(data)
     posters = Path(posters) if posters is not None else data / "posters"
+    details_out = Path(details_out) if details_out is not None else data / "tmdb" / "details.jsonl"
+    failed_details_log = Path(failed_details_log) if failed_details_log is not None else \
+        Path(failed_log).with_name("failed_details.txt")
+    if Path(failed_log).resolve() == failed_details_log.resolve():
+        raise ValueError(f"--failed-log and --failed-details-log are both {failed_details_log}: give them two files.")
     settings = settings or DownloadSettings()
     # requests calls a schemeless URL a RequestException, which would be retried as a connection error
     for flag, url, default in (("--api-base", settings.api_base, DEFAULT_API_BASE),
                                ("--image-base", settings.image_base, DEFAULT_IMAGE_BASE)):
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
             raise ValueError(f"{flag} {url!r} is not an http(s) URL; use one like {default}.")
-    links = read_links(data / "links.csv")[:limit]
-    posters.mkdir(parents=True, exist_ok=True)
-    stray = remove_stray_temp_files(posters)
-    if stray:
-        log.info("removed %d temporary poster file(s) left by an interrupted run", stray)
-    failure_log = FailureLog(failed_log, posters)
-    known = failure_log.compact()
-    if retry_failed:
-        todo = [m for m in links if m.movie_id in known]
-    elif overwrite:
-        todo = links
-    else:
-        todo = [m for m in links if m.movie_id not in known]
-    skipped_known = len(links) - len(todo) if not retry_failed else 0
-    log.info("%d movies in %s; %d to process, %d skipped as known failures (see %s; --retry-failed retries them)",
-             len(links), data / "links.csv", len(todo), skipped_known, failure_log.path)
-    downloader = PosterDownloader(posters, credentials, failure_log, settings, overwrite=overwrite)
-    summary = downloader.run(todo, RunSummary(movies=len(links), skipped_known_failure=skipped_known))
-    report = _finish(summary, posters, failure_log, settings, data, retry_failed)
+    all_links = read_links(data / "links.csv")
+    links = all_links[:limit]
+    poster_log = details_log = store = None
+    known_posters: dict = {}
+    known_details: dict = {}
+    if fetch_posters:
+        posters.mkdir(parents=True, exist_ok=True)
+        stray = remove_stray_temp_files(posters)
+        if stray:
+            log.info("removed %d temporary poster file(s) left by an interrupted run", stray)
+        poster_log = FailureLog(failed_log, posters)
+        known_posters = poster_log.compact()
+    if fetch_details:
+        store = DetailsStore(details_out)
+        store.open(all_links)
+        details_log = FailureLog(failed_details_log, store.path, kind="details", is_done=store.__contains__)
+        known_details = details_log.compact()
+
+    summary = RunSummary(movies=len(links), details=DetailsCounts() if fetch_details else None)
+    jobs = []
+    for movie in links:
+        poster = fetch_posters and ((movie.movie_id in known_posters) if retry_failed
+                                    else (overwrite or movie.movie_id not in known_posters))
+        summary.skipped_known_failure += fetch_posters and not poster and not retry_failed
+        details = fetch_details and movie.movie_id not in store and (
+            (movie.movie_id in known_details) if retry_failed else movie.movie_id not in known_details)
+        if fetch_details and not details:
+            summary.details.skipped_existing += movie.movie_id in store
+            summary.details.skipped_known_failure += movie.movie_id not in store and not retry_failed
+        if poster or details:
+            jobs.append(Job(movie, poster, details))
+    log.info("%d movies in %s; %d to process", len(links), data / "links.csv", len(jobs))
+    if poster_log is not None:
+        log.info("posters: %d known failures skipped (see %s; --retry-failed retries them)",
+                 summary.skipped_known_failure, poster_log.path)
+    if store is not None:
+        log.info("details: %d already in %s, %d known failures skipped (see %s; --retry-failed retries them)",
+                 summary.details.skipped_existing, store.path, summary.details.skipped_known_failure, details_log.path)
+    downloader = PosterDownloader(posters, credentials, poster_log, settings, overwrite=overwrite,
+                                  details=store, details_log=details_log)
+    summary = downloader.run(jobs, summary)
+    report = _finish(summary, posters, poster_log, store, details_log, settings, data, retry_failed)
     if summary.stopped == "invalid_api_key":
         raise InvalidKeyError("TMDB answered 401 Unauthorized: the API key or read token is invalid. Check "
                               "TMDB_API_KEY (v3 key) or TMDB_READ_TOKEN (v4 token); the run was stopped.")
@@ -651,22 +840,46 @@ def download_posters(data: str | os.PathLike, credentials: TmdbCredentials, *, p
     return report
 
 
-def _finish(summary: RunSummary, posters: Path, failure_log: FailureLog, settings: DownloadSettings,
-            data: Path, retry_failed: bool) -> dict:
-    """Compact the failure log, write the summary JSON next to the posters, log it; return it."""
+def _failures_in(failure_log: FailureLog) -> tuple[int, dict]:
+    """Compact a failure log; return (movies in it, their count by reason)."""
     remaining = failure_log.compact()
+    return len(remaining), dict(sorted(collections.Counter(e.reason for e in remaining.values()).items()))
+
+
+def _finish(summary: RunSummary, posters: Path, poster_log: FailureLog | None, store: DetailsStore | None,
+            details_log: FailureLog | None, settings: DownloadSettings, data: Path, retry_failed: bool) -> dict:
+    """Compact the failure logs, write the summary JSON beside each half's output, log it; return it."""
     report = summary.as_dict()
+    report.update({"links_csv": str(data / "links.csv"), "halves": [], "posters_dir": None, "failed_log": None,
+                   "failures_in_log": 0, "failures_in_log_by_reason": {}})
+    if poster_log is not None:
+        report["halves"].append("posters")
+        report["posters_dir"], report["failed_log"] = str(posters), str(poster_log.path)
+        report["failures_in_log"], report["failures_in_log_by_reason"] = _failures_in(poster_log)
+    if store is not None:
+        report["halves"].append("details")
+        in_log, by_reason = _failures_in(details_log)
+        report["details"].update({"details_out": str(store.path), "failed_details_log": str(details_log.path),
+                                  "movies_in_file": len(store.saved), "failures_in_log": in_log,
+                                  "failures_in_log_by_reason": by_reason})
     report.update({
-        "links_csv": str(data / "links.csv"), "posters_dir": str(posters), "failed_log": str(failure_log.path),
-        "retry_failed": retry_failed, "failures_in_log": len(remaining),
-        "failures_in_log_by_reason": dict(sorted(collections.Counter(e.reason for e in remaining.values()).items())),
+        "retry_failed": retry_failed,
         "settings": {"api_base": settings.api_base, "image_base": settings.image_base,
                      "image_size": settings.image_size, "workers": settings.workers, "rate": settings.rate,
-                     "timeout": settings.timeout, "retries": settings.retry.retries},
+                     "timeout": settings.timeout, "retries": settings.retry.retries,
+                     "append_to_response": APPEND_TO_RESPONSE if store is not None else None},
         "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     })
-    save_json(posters / SUMMARY_FILE, report)
-    log.info("posters: %d downloaded, %d already on disk, %d known failures skipped, %d not found, %d failed %s%s",
-             summary.downloaded, summary.skipped_existing, summary.skipped_known_failure, summary.not_found,
-             summary.failed, dict(summary.failures_by_reason), f" (STOPPED: {summary.stopped})" if summary.stopped else "")
+    stopped = f" (STOPPED: {summary.stopped})" if summary.stopped else ""
+    if poster_log is not None:
+        save_json(posters / SUMMARY_FILE, report)
+        log.info("posters: %d downloaded, %d already on disk, %d known failures skipped, %d not found, %d failed %s%s",
+                 summary.downloaded, summary.skipped_existing, summary.skipped_known_failure, summary.not_found,
+                 summary.failed, dict(summary.failures_by_reason), stopped)
+    if store is not None:
+        save_json(store.path.with_name(DETAILS_SUMMARY_FILE), report)
+        counts = summary.details
+        log.info("details: %d saved, %d already in %s, %d known failures skipped, %s%s", counts.saved,
+                 counts.skipped_existing, store.path, counts.skipped_known_failure, dict(counts.failures_by_reason),
+                 stopped)
     return report

@@ -3,9 +3,11 @@
 `FakeMovieLensServer` serves `<name>.zip` and `<name>.zip.md5` like files.grouplens.org, with HTTP
 Range support and injectable faults (connection cut mid-body, Range ignored).
 `FakeTmdbServer` answers `/3/movie/{id}` with bodies shaped like the real TMDB v3 responses
-(shared/data/tmdb-api-samples/jdrouet-tmdb-api/{movie-details,invalid-api-key,resource-not-found}.json,
-rebuilt here in code) and serves poster images under `/t/p/<size>/<file>`, with injectable faults:
-429 + Retry-After, 500/503, slow answers, truncated images, HTML instead of JPEG, 401, 404.
+(shared/data/tmdb-api-samples/jdrouet-tmdb-api/{movie-details,movie-credits,movie-keywords,invalid-api-key,
+resource-not-found}.json, rebuilt here in code; `append_to_response=credits,keywords` folds the credits and
+keywords in as `credits: {cast, crew}` and `keywords: {keywords}`, like the live API) and serves poster
+images under `/t/p/<size>/<file>`, with injectable faults: 429 + Retry-After, 500/503, slow answers,
+truncated bodies (images and JSON), HTML instead of JPEG or JSON, 401, 404.
 """
 from __future__ import annotations
 
@@ -58,6 +60,29 @@ def movie_details(tmdb_id: int, poster_path: str | None) -> dict:
     }
 
 
+def movie_credits(tmdb_id: int) -> dict:
+    """The `credits` of `/3/movie/{id}?append_to_response=credits`: cast and crew items with the fields of the
+    real movie-credits.json sample (no top-level `id`: the appended object lacks it). Names vary with the id
+    and one is non-ASCII, so a test can tell movies apart and check UTF-8 round trips."""
+    person = {"adult": False, "gender": 2, "known_for_department": "Acting", "popularity": 3.5, "profile_path": None}
+    cast = [{**person, "id": tmdb_id * 10 + k, "name": name, "original_name": name, "cast_id": k + 1,
+             "character": f"Role {k}", "credit_id": f"c{tmdb_id}x{k}", "order": k}
+            for k, name in enumerate([f"Actor {tmdb_id}", f"Zoë {tmdb_id}", f"Extra {tmdb_id}"])]
+    crew = [{**person, "id": tmdb_id * 10 + 8, "known_for_department": "Production", "name": f"Producer {tmdb_id}",
+             "original_name": f"Producer {tmdb_id}", "credit_id": f"p{tmdb_id}", "department": "Production",
+             "job": "Producer"},
+            {**person, "id": tmdb_id * 10 + 9, "known_for_department": "Directing", "name": f"Director {tmdb_id}",
+             "original_name": f"Director {tmdb_id}", "credit_id": f"d{tmdb_id}", "department": "Directing",
+             "job": "Director"}]
+    return {"cast": cast, "crew": crew}
+
+
+def movie_keywords(tmdb_id: int) -> dict:
+    """The `keywords` of `/3/movie/{id}?append_to_response=keywords` (items as in movie-keywords.json)."""
+    return {"keywords": [{"id": 800 + tmdb_id % 7, "name": f"theme {tmdb_id % 7}"},
+                         {"id": 9999, "name": "fake movie"}]}
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Hands every GET to the owning fake server's `handle`."""
 
@@ -85,8 +110,9 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client gave up (e.g. its timeout expired): nothing to do
 
     def send_json(self, status: int, obj, extra_headers: dict | None = None) -> None:
-        """Send compact JSON, as live TMDB does."""
-        self.send_body(status, json.dumps(obj).encode(), "application/json;charset=utf-8", extra_headers)
+        """Send compact UTF-8 JSON, as live TMDB does."""
+        self.send_body(status, json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(),
+                       "application/json;charset=utf-8", extra_headers)
 
 
 class _FakeServer:
@@ -174,7 +200,9 @@ class FakeTmdbServer(_FakeServer):
     movies: tmdb_id -> poster_path (None for a movie without poster); ids not listed answer 404.
     faults: request path -> list of faults consumed one per request, each one of
         "429" (with Retry-After: retry_after), "500", "503", "slow" (answer after slow_seconds),
-        "truncated" (an image cut in half, with a matching Content-Length), "html" (an HTML page, 200).
+        "truncated" (the image or JSON body cut in half, with a matching Content-Length), "html" (an HTML
+        page, 200, instead of the image or the JSON).
+    `/3/movie/{id}` honours append_to_response=credits,keywords (other names are ignored, as TMDB does).
     api_key / read_token: the credentials accepted; anything else answers 401 like TMDB.
     latency: seconds added to every request (benchmark).
     images: poster_path -> image bytes (default: a small generated JPEG per movie).
@@ -225,12 +253,12 @@ class FakeTmdbServer(_FakeServer):
         elif fault in ("500", "503"):
             return handler.send_json(int(fault), {"status_code": 11, "status_message": "Internal error."})
         if split.path.startswith("/3/movie/"):
-            return self._movie(handler, split)
+            return self._movie(handler, split, fault)
         if split.path.startswith("/t/p/"):
             return self._image(handler, split.path, fault)
         handler.send_json(404, RESOURCE_NOT_FOUND)
 
-    def _movie(self, handler, split):
+    def _movie(self, handler, split, fault):
         if not self._authorised(handler, parse_qs(split.query)):
             return handler.send_json(401, INVALID_API_KEY)
         try:
@@ -239,7 +267,18 @@ class FakeTmdbServer(_FakeServer):
             return handler.send_json(404, RESOURCE_NOT_FOUND)
         if tmdb_id not in self.movies:
             return handler.send_json(404, RESOURCE_NOT_FOUND)
-        handler.send_json(200, movie_details(tmdb_id, self.movies[tmdb_id]))
+        body = movie_details(tmdb_id, self.movies[tmdb_id])
+        appended = ",".join(parse_qs(split.query).get("append_to_response", [])).split(",")
+        if "credits" in appended:
+            body["credits"] = movie_credits(tmdb_id)
+        if "keywords" in appended:
+            body["keywords"] = movie_keywords(tmdb_id)
+        if fault == "html":
+            return handler.send_body(200, HTML_PAGE, "text/html")
+        if fault == "truncated":
+            text = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            return handler.send_body(200, text[: len(text) // 2], "application/json;charset=utf-8")
+        handler.send_json(200, body)
 
     def _image(self, handler, path, fault):
         poster_path = "/" + path.split("/", 4)[4]  # /t/p/<size>/<file>

@@ -378,6 +378,24 @@ def test_script_exit_codes(tmp_path, monkeypatch, caplog):
     assert "--api-base 'api.themoviedb.org' is not an http(s) URL" in caplog.text
 
 
+def script_command(data: Path, server: FakeTmdbServer) -> list[str]:
+    """The step-3 command line against the fake server (4 workers, no rate limit), logs in the data folder."""
+    return [sys.executable, str(REPO / "experiments" / "03_download_posters.py"), "--data", str(data),
+            "--failed-log", str(data / "failed.txt"), "--api-base", server.url,
+            "--image-base", server.url + "/t/p", "--workers", "4", "--rate", "0", "--timeout", "5"]
+
+
+def kill_when(command: list[str], env: dict, ready, seconds: float = 30) -> None:
+    """Start `command`, SIGKILL it as soon as `ready()` holds; it must still be running by then."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the first run must still be running when it is killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_kill_mid_run_then_rerun_leaves_consistent_posters_and_log(tmp_path):
     n = 80
     no_tmdb, no_poster, missing = {5, 40}, {12, 60}, {20, 70}
@@ -388,20 +406,8 @@ def test_kill_mid_run_then_rerun_leaves_consistent_posters_and_log(tmp_path):
     expected_posters = {m: f"/p{m}.jpg" for m in range(1, n + 1) if m not in no_tmdb | no_poster | missing}
     posters = data / "posters"
     with FakeTmdbServer(movies, api_key=KEY, latency=0.04) as server:
-        command = [sys.executable, str(REPO / "experiments" / "03_download_posters.py"), "--data", str(data),
-                   "--failed-log", str(data / "failed.txt"), "--api-base", server.url,
-                   "--image-base", server.url + "/t/p", "--workers", "4", "--rate", "0", "--timeout", "5"]
-        env = {**os.environ, "TMDB_API_KEY": KEY}
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            if posters.is_dir() and sum(p.suffix == ".jpg" for p in posters.iterdir()) >= 15:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the first run must still be running when it is killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
+        command, env = script_command(data, server), {**os.environ, "TMDB_API_KEY": KEY}
+        kill_when(command, env, lambda: posters.is_dir() and sum(p.suffix == ".jpg" for p in posters.iterdir()) >= 15)
 
         on_disk = [p for p in posters.iterdir() if p.name.endswith(".jpg") and not p.name.startswith(".")]
         assert 15 <= len(on_disk) < len(expected_posters)
