@@ -9,6 +9,11 @@ model.pt, config.gin (operative config), config_full.gin, log.jsonl, log.csv, cu
 semantic_ids.npy (N, L+1) int64, movie_ids.npy, semantic_ids.json, health.json (written last: the
 completion marker). A killed run resumes from out/checkpoint.pt.
 
+With `RQVAE.fusion = 'gated'` or `'attention'` (adaptive fusion, modules/fusion.py) the block layout is read
+from blocks.json (`fusion_blocks`) and also written: item_block_weights.npy (N, n_blocks) float32, the weight
+each item gives each block (0 on blocks it lacks), rows aligned with movie_ids.npy, columns in the order of
+health.json "block_fusion" "blocks", which summarises them per block.
+
 health.json records the run's fingerprint (`rqvae_fingerprint`: the train_rqvae and RQVAE settings, the
 features folder, the size and SHA-1 of each input file); a rerun reuses the output only for the same
 fingerprint and otherwise stops and says what changed (--overwrite retrains). A collapsed codebook
@@ -37,11 +42,13 @@ from experiments.artifacts import (ITEM_IDS_FILE, ITEMS_FILE, ArtifactError, ato
 from experiments.ml25m import (FUSE_SCRIPT, ML25MItemData, genre_matrix,  # noqa: F401 (ML25MItemData: gin registration)
                                gin_effective_parameters, load_item_features)
 from modules import rqvae as rqvae_module
+from modules.fusion import summarise_block_weights
 from modules.semantic_ids import add_collision_column, codebook_sizes, genre_jaccard, health
 
 log = logging.getLogger("train_rqvae")
 
-RQVAE = gin.external_configurable(rqvae_module.RQVAE, "RQVAE")
+# `blocks` comes from blocks.json (fusion_blocks), never from gin: binding it is an error at parse time.
+RQVAE = gin.external_configurable(rqvae_module.RQVAE, "RQVAE", denylist=["blocks"])
 TRAIN_SCRIPT = "train_rqvae.py"
 REPO_ROOT = Path(__file__).resolve().parent
 LOG_FIELDS = ["step", "reconstruction_loss", "codebook_loss", "commitment_loss", "total_loss", "dead_codes_reset",
@@ -50,6 +57,10 @@ FEATURE_FILES = ("features.npy", "movie_ids.npy", "blocks.json")
 # train() arguments left out of the fingerprint: where things are (the inputs' contents are in it), and
 # settings that change neither the model, nor the IDs, nor the logs.
 NOT_FINGERPRINTED = ("run", "out", "features_dir", "overwrite", "checkpoint_every", "cpu_threads", "allow_collapsed")
+# RQVAE settings that only adaptive fusion reads: left out of a 'concat' fingerprint, which therefore is the one
+# written before they existed (finished concat runs are still reused), and part of every other.
+FUSION_SETTINGS = ("fusion", "fusion_dim", "block_dropout", "fusion_heads")
+BLOCK_WEIGHTS_FILE = "item_block_weights.npy"
 
 
 class CodebookCollapseError(ArtifactError):
@@ -85,9 +96,62 @@ def resolve_input_dim(configured: int | None, features: np.ndarray, features_pat
     return width
 
 
-def build_model(input_dim: int, device: torch.device) -> rqvae_module.RQVAE:
-    """The gin-configured RQVAE with the data's input width."""
-    return RQVAE(input_dim=input_dim).to(device)
+def rqvae_settings() -> dict:
+    """The RQVAE arguments gin gives (signature defaults < bindings), less the data-derived `blocks`."""
+    settings = gin_effective_parameters(rqvae_module.RQVAE, "RQVAE")
+    settings.pop("blocks", None)
+    return settings
+
+
+def fusion_blocks(features: np.ndarray, blocks: list[dict], blocks_path: Path) -> list[dict]:
+    """The block layout adaptive fusion needs (`modules.fusion.BlockSpec` dicts), from blocks.json's "blocks"
+    and the mask columns of features (N, F).
+
+    Step 5 writes a mask column as the standardised 0/1 indicator (times the block scale): two values, the
+    higher one for the items that have the block. The threshold is their midpoint, and the number of rows above
+    it must be blocks.json's n_items_with_block. A mask column with one value (every item has the block) gives
+    a block without mask; a block no item has is an error.
+    """
+    layout = []
+    for block in blocks:
+        missing = [key for key in ("name", "feature_columns", "mask_column", "n_items_with_block") if key not in block]
+        if missing:
+            raise ArtifactError(f"{blocks_path}: block {block.get('name', '?')} lacks {missing}; re-run {FUSE_SCRIPT} "
+                                f"--overwrite.")
+        name, column, n_with = block["name"], block["mask_column"], int(block["n_items_with_block"])
+        spec = {"name": name, "feature_columns": [int(c) for c in block["feature_columns"]], "mask_column": None,
+                "mask_threshold": None}
+        if column is not None:
+            values = np.unique(features[:, int(column)])
+            if n_with == 0:
+                raise ArtifactError(f"{blocks_path}: no item has block {name!r} (n_items_with_block = 0), so "
+                                    f"adaptive fusion has nothing to weigh: drop it from ML25MItemData.blocks and "
+                                    f"re-run {FUSE_SCRIPT} --overwrite.")
+            threshold = float(values.mean()) if len(values) == 2 else None
+            n_above = int((features[:, int(column)] > threshold).sum()) if threshold is not None else len(features)
+            if len(values) > 2 or n_above != n_with:
+                raise ArtifactError(f"{blocks_path}: the mask column {column} of block {name!r} in features.npy "
+                                    f"holds {len(values)} distinct values, {n_above if len(values) <= 2 else '?'} "
+                                    f"items on the higher one, but a mask column holds two values (one when every "
+                                    f"item has the block) and blocks.json says {n_with} items have the block; "
+                                    f"re-run {FUSE_SCRIPT} --overwrite.")
+            if threshold is not None:
+                spec.update(mask_column=int(column), mask_threshold=threshold)
+        layout.append(spec)
+    return layout
+
+
+def build_model(input_dim: int, device: torch.device, features: np.ndarray | None = None,
+                blocks_meta: dict | None = None, blocks_path: Path | None = None) -> rqvae_module.RQVAE:
+    """The gin-configured RQVAE with the data's input width; adaptive fusion also gets the block layout of
+    `blocks_meta` (blocks.json, read from `blocks_path`) and `features`."""
+    if rqvae_settings().get("fusion", "concat") == "concat":
+        return RQVAE(input_dim=input_dim).to(device)
+    if features is None or blocks_meta is None:
+        raise ValueError("adaptive fusion (RQVAE.fusion != 'concat') needs the features and blocks.json to build "
+                         "its block layout.")
+    layout = fusion_blocks(features, blocks_meta["blocks"], blocks_path or Path("blocks.json"))
+    return RQVAE(input_dim=input_dim, blocks=layout).to(device)
 
 
 def initialise_codebooks(model: rqvae_module.RQVAE, features: torch.Tensor, sample_size: int,
@@ -97,7 +161,7 @@ def initialise_codebooks(model: rqvae_module.RQVAE, features: torch.Tensor, samp
         return
     index = torch.randperm(len(features), generator=generator)[:sample_size].to(features.device)
     with torch.no_grad():
-        model.quantizer.initialise(model.encoder(features[index]), generator)
+        model.quantizer.initialise(model.encode(features[index]), generator)
     log.info("k-means initialised %d codebooks on %d items", model.n_levels, len(index))
 
 
@@ -167,7 +231,10 @@ def rqvae_fingerprint(run: Path, features_dir: Path, arguments: dict) -> dict:
             raise ArtifactError(f"{features_dir / name} is missing: run {FUSE_SCRIPT} first "
                                 f"(or pass --features FOLDER).")
     config = {f"train_rqvae.{key}": value for key, value in arguments.items() if key not in NOT_FINGERPRINTED}
-    config |= {f"RQVAE.{key}": value for key, value in gin_effective_parameters(rqvae_module.RQVAE, "RQVAE").items()}
+    settings = rqvae_settings()
+    if settings.get("fusion", "concat") == "concat":
+        settings = {key: value for key, value in settings.items() if key not in FUSION_SETTINGS}
+    config |= {f"RQVAE.{key}": value for key, value in settings.items()}
     inputs = {f"item_features/{name}": features_dir / name for name in FEATURE_FILES}
     inputs |= {ITEM_IDS_FILE: run / ITEM_IDS_FILE, ITEMS_FILE: run / ITEMS_FILE}
     return fingerprint(config, inputs)
@@ -197,11 +264,16 @@ def refuse_collapse(report: dict, health_path: Path, allow_collapsed: bool) -> N
 
 def save_checkpoint(path: Path, model, optimizer, step: int, generator: torch.Generator, history: list,
                     window: list, run_config: dict) -> None:
-    """Training state for resuming after a kill (atomic); `window` holds the steps not yet logged."""
+    """Training state for resuming after a kill (atomic); `window` holds the steps not yet logged. torch's
+    global generator state is kept too: (block) dropout draws from it."""
+    rng = {"torch_rng": torch.get_rng_state()}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        rng["cuda_rng"] = torch.cuda.get_rng_state(device)
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
                     "step": step, "generator": generator.get_state(), "history": history, "window": window,
-                    "run_config": run_config}, tmp)
+                    "run_config": run_config, **rng}, tmp)
 
 
 def train_step(model, optimizer, batch: torch.Tensor, reset_dead: bool, generator: torch.Generator) -> dict:
@@ -266,7 +338,7 @@ def train(run: str | Path, out: str | Path | None = None, features_dir: str | Pa
     genres, _ = genre_matrix(load_items(run))
     log.info("%d items x %d features from %s", len(features), width, features_dir)
 
-    model = build_model(width, device)
+    model = build_model(width, device, features_np, blocks_meta, features_dir / "blocks.json")
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     out.mkdir(parents=True, exist_ok=True)
     save_text(out / "config.gin", gin.operative_config_str())  # after the model is built, so it is complete
@@ -291,6 +363,10 @@ def train(run: str | Path, out: str | Path | None = None, features_dir: str | Pa
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"].cpu())  # map_location moved it; a generator state lives on CPU
+        if "torch_rng" in state:  # checkpoints written before it was saved resume without it
+            torch.set_rng_state(state["torch_rng"].cpu())
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         start_step, history, window = state["step"], state["history"], state["window"]
         log.info("resuming from %s at step %d", out / "checkpoint.pt", start_step)
     else:
@@ -359,6 +435,10 @@ def write_outputs(out: Path, run: Path, model, features: torch.Tensor, blocks_me
                    "collision_column_size": int(semantic_ids[:, -1].max()) + 1,
                    "train_items_per_s": train_items_per_s, "device": str(device),
                    "blocks": [b["name"] for b in blocks_meta["blocks"]]})
+    if model.block_fusion is not None:
+        report["block_fusion"] = write_block_weights(out, model, features)
+    else:  # a retrained concat model over an adaptive one: no weights file that is not its own
+        (out / BLOCK_WEIGHTS_FILE).unlink(missing_ok=True)
     if fingerprint is not None:
         report["fingerprint"] = fingerprint
     if report["collapsed"]:
@@ -371,6 +451,19 @@ def write_outputs(out: Path, run: Path, model, features: torch.Tensor, blocks_me
     (out / "checkpoint.pt").unlink(missing_ok=True)
     save_json(out / "health.json", report)
     return report
+
+
+def write_block_weights(out: Path, model: rqvae_module.RQVAE, features: torch.Tensor) -> dict:
+    """Write out/item_block_weights.npy (N, n_blocks) float32 (eval mode) and return health.json's summary."""
+    weights = model.block_weights(features).cpu().numpy().astype(np.float32)
+    present = model.block_fusion.presence(features).cpu().numpy()
+    save_npy(out / BLOCK_WEIGHTS_FILE, weights)
+    summary = summarise_block_weights(weights, present, model.block_fusion.names)
+    log.info("block weights (mean over the items that have the block): %s",
+             ", ".join(f"{name} {s['mean_weight_when_present']:.3f}" for name, s in summary.items()
+                       if s["mean_weight_when_present"] is not None))
+    return {"fusion": model.fusion, "file": BLOCK_WEIGHTS_FILE, "blocks": model.block_fusion.names,
+            "per_block": summary}
 
 
 def write_logs(out: Path, history: list[dict]) -> None:
