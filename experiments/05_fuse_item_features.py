@@ -1,9 +1,9 @@
-"""Step 5: fuse genres, year, tags, genome, poster, collab (and optional text) features into RUN/item_features/.
+"""Step 5: fuse genres, year, tags, genome, poster, collab and TMDB text features into RUN/item_features/.
 
     python experiments/05_fuse_item_features.py configs/rqvae_ml_small.gin --run runs/ml_small \
         --data ../shared/data/ml-latest-small --posters-features runs/ml_small/poster_features \
-        [--blocks genres,year,tags,poster] [--out runs/ml_small/item_features] [--overwrite]
-        [--allow-random-poster-weights]
+        [--blocks genres,year,tags,poster,text] [--tmdb-details DATA/tmdb/details.jsonl]
+        [--out runs/ml_small/item_features] [--overwrite] [--allow-random-poster-weights]
 
 The gin file is the RQ-VAE config of the run (its `ML25MItemData.*` bindings); flags override it.
 A finished output is reused only when its blocks.json records the same settings and input files; otherwise
@@ -29,6 +29,8 @@ def main(argv=None) -> None:
                                                    "(overrides ML25MItemData.poster_feature_path)")
     parser.add_argument("--blocks", help="comma-separated blocks, e.g. genres,year,tags,poster "
                                          "(overrides ML25MItemData.blocks)")
+    parser.add_argument("--tmdb-details", help="TMDB details.jsonl for the 'text' block "
+                                               "(overrides ML25MItemData.tmdb_details)")
     parser.add_argument("--out", help="output folder (default RUN/item_features)")
     parser.add_argument("--gin_param", action="append", default=[], help="extra gin binding, repeatable")
     parser.add_argument("--overwrite", action="store_true",
@@ -45,6 +47,8 @@ def main(argv=None) -> None:
         overrides["root"] = args.data
     if args.posters_features:
         overrides["poster_feature_path"] = args.posters_features
+    if args.tmdb_details:
+        overrides["tmdb_details"] = args.tmdb_details
     if args.blocks:
         overrides["blocks"] = [b.strip() for b in args.blocks.split(",") if b.strip()]
     if args.allow_random_poster_weights:

@@ -4,7 +4,8 @@
         --rqvae-config configs/rqvae_ml_small.gin --decoder-config configs/decoder_ml_small.gin \
         --sets genres_year,text,poster,all --seeds 0,1,2 [--jobs 2]
 
-Feature sets: genres_year (genres+year), text (+ tags, tag genome where present, title text with --with-text),
+Feature sets: genres_year (genres+year), text (+ tags, tag genome where present, TMDB text with --with-text:
+the details file comes from ML25MItemData.tmdb_details of the RQ-VAE gin file),
 poster (genres+year+poster), all. Writes <out>/ablation.md (mean ± std table), ablation.json and ablation.png.
 Needs the run prepared (step 2) and poster features extracted (step 4). Finished cells are skipped on rerun.
 """
@@ -28,7 +29,8 @@ def main() -> None:
     parser.add_argument("--decoder-config", required=True)
     parser.add_argument("--sets", default="genres_year,text,poster,all", help="comma-separated feature sets")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--with-text", action="store_true", help="add the title-text block to the text/all sets")
+    parser.add_argument("--with-text", action="store_true", help="add the TMDB text block to the text/all sets "
+                        "(reads ML25MItemData.tmdb_details of --rqvae-config)")
     parser.add_argument("--out", type=Path, help="default RUN/ablation")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cells trained at once (each decoder then uses one torch thread); 2 suits 2 CPU cores")

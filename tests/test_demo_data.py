@@ -16,7 +16,7 @@ def _jaccard(a: set, b: set) -> float:
 
 def test_same_seed_same_bytes_other_seed_differs(tiny_demo_data, tmp_path):
     again = make_demo_dataset(tmp_path / "again", TINY_DEMO)
-    for name in ("movies.csv", "ratings.csv", "links.csv", "tags.csv", "genome-scores.csv"):
+    for name in ("movies.csv", "ratings.csv", "links.csv", "tags.csv", "genome-scores.csv", "tmdb/details.jsonl"):
         assert (again / name).read_bytes() == (tiny_demo_data / name).read_bytes(), name
     first_poster = sorted((tiny_demo_data / "posters").iterdir())[0].name
     assert (again / "posters" / first_poster).read_bytes() == (tiny_demo_data / "posters" / first_poster).read_bytes()

