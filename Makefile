@@ -11,6 +11,10 @@
 #                 evaluation (experiments/11_cold_start.py -> RUN/cold/, the `cold` section of RUN/metrics.json)
 #   make scale-check [SCALE_WORK=/tmp/scale_check]  every step at ML-25M size, tiny iteration counts (BENCHMARKS.md)
 #   make seeds    (same variables) [SEEDS=0,1,2] every model of a finished pipeline run over seeds -> RUN/seeds.md
+#   make ablation (same variables) [SETS=...] [SEEDS=...] [ABLATION_OUT=RUN/ablation] feature sets x seeds;
+#                 with RQVAE_GIN=configs/rqvae_ml_small_gated.gin ABLATION_OUT=RUN/ablation_gated: adaptive fusion
+#   make gallery  RUN=<run> POSTERS=<poster folder>  posters under sampled codes, users' top-10 -> RUN/gallery/
+#   TMDB_DETAILS=<details.jsonl> (default DATA/tmdb/details.jsonl): the text block joins the fused features
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -32,6 +36,12 @@ BLOCKS ?=
 TIE_BREAK ?= hash
 # Share of the rated items held out as cold-start items (empty: no cold-start split)
 COLD ?=
+# TMDB details (step 3's details.jsonl): when the file exists step 5 gets it and, unless BLOCKS is given,
+# adds the 'text' block to the preset's blocks; when it does not, the text block is left out (and said so)
+TMDB_DETAILS ?= $(DATA)/tmdb/details.jsonl
+HAS_DETAILS := $(if $(wildcard $(TMDB_DETAILS)),yes)
+TEXT_FLAGS = $(if $(HAS_DETAILS),--tmdb-details $(TMDB_DETAILS) $(if $(BLOCKS),,--add-blocks text))
+ABLATION_OUT ?= $(RUN)/ablation
 SEEDS ?= 0,1,2
 SETS ?= genres_year,text,poster,all
 JOBS ?= $(if $(filter ml25m,$(PRESET)),1,2)
@@ -39,7 +49,7 @@ THREADS ?= $(if $(filter 1,$(JOBS)),,1)
 THREADS_FLAG = $(if $(THREADS),--threads $(THREADS))
 
 .PHONY: venv test demo prepare features pipeline pipeline-models rqvae tiger tiger-random sasrec seeds ablation \
-        posters-check clean-demo scale-check cold demo-cold
+        posters-check clean-demo scale-check cold demo-cold gallery
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -70,8 +80,9 @@ else
 	$(PY) experiments/04_extract_poster_features.py --run $(RUN) --posters $(POSTERS) \
 	  --backbone $(BACKBONE) --image-size $(IMAGE_SIZE)
 endif
+	$(if $(HAS_DETAILS),,@echo "no TMDB details at $(TMDB_DETAILS): the text block is left out (TMDB_DETAILS=<details.jsonl>)")
 	$(PY) experiments/05_fuse_item_features.py $(RQVAE_GIN) --run $(RUN) --data $(DATA) \
-	  --posters-features $(RUN)/poster_features $(if $(BLOCKS),--blocks $(BLOCKS))
+	  --posters-features $(RUN)/poster_features $(if $(BLOCKS),--blocks $(BLOCKS)) $(TEXT_FLAGS)
 
 # The model steps as a dependency graph, run JOBS at a time by `pipeline`:
 #   prepare -> features -> rqvae -> tiger, tiger-random;   prepare -> sasrec (+ most-popular)
@@ -92,6 +103,10 @@ tiger: rqvae
 tiger-random: rqvae
 	$(PY) train_decoder.py $(DECODER_GIN) --run $(RUN) $(THREADS_FLAG) --random-ids
 
+# Posters of a finished run: sampled first-level codes, and TIGER's test top-10 for sampled users -> RUN/gallery/
+gallery: venv
+	$(PY) experiments/12_gallery.py --run $(RUN) --posters $(POSTERS) $(THREADS_FLAG)
+
 # The cold-start evaluation of a finished pipeline run prepared with COLD=...
 cold: venv
 	$(PY) experiments/11_cold_start.py --run $(RUN)
@@ -106,13 +121,15 @@ seeds: rqvae
 
 ablation: features
 	$(PY) experiments/09_ablation.py --run $(RUN) --data $(DATA) --rqvae-config $(RQVAE_GIN) \
-	  --decoder-config $(DECODER_GIN) --sets $(SETS) --seeds $(SEEDS) --jobs $(JOBS)
+	  --decoder-config $(DECODER_GIN) --sets $(SETS) --seeds $(SEEDS) --jobs $(JOBS) --out $(ABLATION_OUT) \
+	  $(if $(HAS_DETAILS),--with-text --tmdb-details $(TMDB_DETAILS))
 
 demo: venv
 	$(PY) experiments/00_make_demo_data.py --out dataset/demo
 	$(MAKE) --no-print-directory pipeline DATA=dataset/demo RUN=runs/demo PRESET=demo IMAGE_SIZE=128
 	$(MAKE) --no-print-directory ablation DATA=dataset/demo RUN=runs/demo PRESET=demo IMAGE_SIZE=128 \
 	  SETS=text,all SEEDS=0,1
+	$(MAKE) --no-print-directory gallery DATA=dataset/demo RUN=runs/demo
 
 # The cold-start demo: 5% of the demo's items held out as cold; TIGER and Semantic-KNN with and without posters
 demo-cold: venv

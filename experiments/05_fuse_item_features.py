@@ -2,7 +2,7 @@
 
     python experiments/05_fuse_item_features.py configs/rqvae_ml_small.gin --run runs/ml_small \
         --data ../shared/data/ml-latest-small --posters-features runs/ml_small/poster_features \
-        [--blocks genres,year,tags,poster,text] [--tmdb-details DATA/tmdb/details.jsonl]
+        [--blocks genres,year,tags,poster,text | --add-blocks text] [--tmdb-details DATA/tmdb/details.jsonl]
         [--out runs/ml_small/item_features] [--overwrite] [--allow-random-poster-weights]
 
 The gin file is the RQ-VAE config of the run (its `ML25MItemData.*` bindings); flags override it.
@@ -17,7 +17,7 @@ import logging
 
 import train_rqvae  # registers every configurable the RQ-VAE gin files bind
 from experiments.artifacts import ArtifactError, exit_message
-from experiments.ml25m import fuse_item_features
+from experiments.ml25m import ML25MItemData, fuse_item_features, gin_effective_parameters
 
 
 def main(argv=None) -> None:
@@ -29,6 +29,8 @@ def main(argv=None) -> None:
                                                    "(overrides ML25MItemData.poster_feature_path)")
     parser.add_argument("--blocks", help="comma-separated blocks, e.g. genres,year,tags,poster "
                                          "(overrides ML25MItemData.blocks)")
+    parser.add_argument("--add-blocks", help="comma-separated blocks appended to the configured ones when absent, "
+                                             "e.g. text (make adds it when TMDB_DETAILS exists)")
     parser.add_argument("--tmdb-details", help="TMDB details.jsonl for the 'text' block "
                                                "(overrides ML25MItemData.tmdb_details)")
     parser.add_argument("--out", help="output folder (default RUN/item_features)")
@@ -51,6 +53,11 @@ def main(argv=None) -> None:
         overrides["tmdb_details"] = args.tmdb_details
     if args.blocks:
         overrides["blocks"] = [b.strip() for b in args.blocks.split(",") if b.strip()]
+    if args.add_blocks:
+        configured = overrides.get("blocks") or list(gin_effective_parameters(ML25MItemData, "ML25MItemData")["blocks"])
+        added = [b.strip() for b in args.add_blocks.split(",") if b.strip() and b.strip() not in configured]
+        overrides["blocks"] = configured + added
+        logging.info("blocks %s (%s added to the configured ones)", overrides["blocks"], added or "nothing")
     if args.allow_random_poster_weights:
         overrides["allow_random_poster_weights"] = True
     try:

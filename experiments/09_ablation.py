@@ -6,7 +6,7 @@
 
 Feature sets: genres_year (genres+year), text (+ tags, tag genome where present, TMDB text with --with-text:
 the details file comes from ML25MItemData.tmdb_details of the RQ-VAE gin file),
-poster (genres+year+poster), all. Writes <out>/ablation.md (mean ± std table), ablation.json and ablation.png.
+poster (genres+year+poster), all, collab (genres+year+collab), all_collab (all + collab). Writes <out>/ablation.md (mean ± std table), ablation.json and ablation.png.
 Needs the run prepared (step 2) and poster features extracted (step 4). Finished cells are skipped on rerun.
 """
 import sys, pathlib
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--with-text", action="store_true", help="add the TMDB text block to the text/all sets "
                         "(reads ML25MItemData.tmdb_details of --rqvae-config)")
+    parser.add_argument("--tmdb-details", type=Path, help="TMDB details.jsonl of the text block (overrides "
+                        "ML25MItemData.tmdb_details of --rqvae-config)")
     parser.add_argument("--out", type=Path, help="default RUN/ablation")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cells trained at once (each decoder then uses one torch thread); 2 suits 2 CPU cores")
@@ -39,7 +41,8 @@ def main() -> None:
     try:
         summary = run_ablation(args.run, args.data, args.poster_features or args.run / "poster_features",
                                args.sets.split(","), [int(s) for s in args.seeds.split(",")],
-                               args.rqvae_config, args.decoder_config, args.out, args.with_text, args.jobs)
+                               args.rqvae_config, args.decoder_config, args.out, args.with_text, args.jobs,
+                               args.tmdb_details)
     except (ValueError, subprocess.CalledProcessError) as err:
         sys.exit(f"error: {err}")
     print(markdown_table(summary))

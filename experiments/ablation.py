@@ -41,14 +41,18 @@ class FeatureSet:
 
 
 def feature_sets(data_dir: Path, with_text: bool = False) -> dict[str, FeatureSet]:
-    """The ablation's four sets; the tag genome joins the metadata blocks where the data has one."""
+    """The ablation's sets; the tag genome joins the metadata blocks where the data has one, and the TMDB text
+    block the text/all sets `with_text`. collab adds the collaborative block (modules/collab.py) to genres+year,
+    all_collab to all."""
     meta = ("tags", "genome") if (Path(data_dir) / "genome-scores.csv").is_file() else ("tags",)
     meta += ("text",) if with_text else ()
     return {s.name: s for s in (
         FeatureSet("genres_year", "genres+year", ("genres", "year")),
-        FeatureSet("text", "+ tags/text", ("genres", "year") + meta),
+        FeatureSet("text", "+ tags/text" if with_text else "+ tags", ("genres", "year") + meta),
         FeatureSet("poster", "+ poster", ("genres", "year", "poster")),
         FeatureSet("all", "all", ("genres", "year") + meta + ("poster",)),
+        FeatureSet("collab", "+ collab", ("genres", "year", "collab")),
+        FeatureSet("all_collab", "all + collab", ("genres", "year") + meta + ("poster", "collab")),
     )}
 
 
@@ -58,11 +62,14 @@ def run_script(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
-def fuse_set(run: Path, data: Path, poster_features: Path, out: Path, fset: FeatureSet, rqvae_config: str) -> None:
-    """The fused item features of one feature set (skipped when already written)."""
+def fuse_set(run: Path, data: Path, poster_features: Path, out: Path, fset: FeatureSet, rqvae_config: str,
+             tmdb_details: Path | None = None) -> None:
+    """The fused item features of one feature set (skipped when already written); tmdb_details overrides the
+    gin file's ML25MItemData.tmdb_details for the text block."""
     run_script([sys.executable, "experiments/05_fuse_item_features.py", rqvae_config, "--run", str(run),
                 "--data", str(data), "--posters-features", str(poster_features), "--blocks", ",".join(fset.blocks),
-                "--out", str(out / fset.name / "item_features")])
+                "--out", str(out / fset.name / "item_features")]
+               + (["--tmdb-details", str(tmdb_details)] if tmdb_details else []))
 
 
 def run_cell(run: Path, out: Path, fset: FeatureSet, seed: int, rqvae_config: str, decoder_config: str,
@@ -201,7 +208,7 @@ def bar_plot(summary: dict, path: Path) -> None:
 
 def run_ablation(run: Path, data: Path, poster_features: Path, set_names: list[str], seeds: list[int],
                  rqvae_config: str, decoder_config: str, out: Path | None = None, with_text: bool = False,
-                 jobs: int = 1) -> dict:
+                 jobs: int = 1, tmdb_details: Path | None = None) -> dict:
     """Run every (set, seed) cell that is not finished yet, then write the table, JSON and plot.
 
     Cells run seed by seed (all sets of seed 0 first, so a stopped ablation has comparable rows),
@@ -216,7 +223,7 @@ def run_ablation(run: Path, data: Path, poster_features: Path, set_names: list[s
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
     for name in set_names:  # once per set, before any cell reads it
-        fuse_set(run, data, poster_features, out, sets[name], rqvae_config)
+        fuse_set(run, data, poster_features, out, sets[name], rqvae_config, tmdb_details)
     cells = [(name, seed) for seed in seeds for name in set_names]
     pool = ThreadPoolExecutor(max_workers=jobs)
     futures = {pool.submit(run_cell, run, out, sets[name], seed, rqvae_config, decoder_config,

@@ -299,3 +299,25 @@ def test_real_ml_latest_small_details_give_text_for_almost_every_movie():
     toy_story = texts[int(np.flatnonzero(movies["movieId"] == 1)[0])]
     assert toy_story.startswith("Title: Toy Story (1995)\nTagline: Hang on for the comedy that goes to infinity")
     assert "Cast: Tom Hanks, Tim Allen, Don Rickles, Jim Varney, Wallace Shawn\nOverview: Led by Woody" in toy_story
+
+
+def test_add_blocks_appends_text_to_the_configured_blocks_once(tmp_path, encoder_calls):
+    fx = make_fixture(tmp_path)
+    details = tmp_path / "tmdb" / "details.jsonl"
+    fixture_details(fx, details)
+    config = tmp_path / "fuse.gin"
+    config.write_text("ML25MItemData.blocks = ['genres', 'year']\n")
+    script = load_fuse_script()
+
+    def blocks_after(*flags):
+        gin.clear_config()   # each parse locks the config, as in a fresh process
+        script.main([str(config), "--run", str(fx["run"]), "--data", str(fx["data"]), "--tmdb-details", str(details),
+                     "--overwrite", *flags])
+        return [b["name"] for b in json.loads((fx["run"] / "item_features" / "blocks.json").read_text())["blocks"]]
+
+    try:
+        assert blocks_after("--add-blocks", "text") == ["genres", "year", "text"]
+        assert blocks_after("--add-blocks", "year,text") == ["genres", "year", "text"]   # present ones not repeated
+        assert blocks_after("--blocks", "genres,text", "--add-blocks", "text") == ["genres", "text"]
+    finally:
+        gin.clear_config()

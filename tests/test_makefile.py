@@ -42,3 +42,21 @@ def test_cold_prepares_the_split_and_ends_the_pipeline_with_its_evaluation(tmp_p
     assert cold.index("train_decoder.py") < cold.index("11_cold_start.py") < cold.index("08_report.py")
     warm = make("-n", "pipeline", *common).stdout
     assert "--cold" not in warm and "11_cold_start.py" not in warm
+
+
+def test_tmdb_details_add_the_text_block_when_the_file_exists(tmp_path):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed").touch()
+    details = tmp_path / "details.jsonl"
+    common = [f"RUN={tmp_path / 'run'}", f"VENV={venv}", f"POSTERS={tmp_path}", f"TMDB_DETAILS={details}"]
+    absent = make("-n", "features", *common).stdout
+    assert "--tmdb-details" not in absent and "the text block is left out" in absent
+    details.write_text("")
+    present = make("-n", "features", *common).stdout
+    assert f"--tmdb-details {details} --add-blocks text" in present
+    # explicit blocks: the file is passed, the blocks are the user's
+    chosen = make("-n", "features", "BLOCKS=genres,year,poster", *common).stdout
+    assert f"--tmdb-details {details}" in chosen and "--add-blocks" not in chosen
+    ablation = make("-n", "ablation", *common).stdout
+    assert f"--with-text --tmdb-details {details}" in ablation and f"--out {tmp_path / 'run'}/ablation" in ablation
