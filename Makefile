@@ -14,7 +14,7 @@
 #   make ablation (same variables) [SETS=...] [SEEDS=...] [ABLATION_OUT=RUN/ablation] feature sets x seeds;
 #                 with RQVAE_GIN=configs/rqvae_ml_small_gated.gin ABLATION_OUT=RUN/ablation_gated: adaptive fusion
 #   make gallery  RUN=<run> POSTERS=<poster folder>  posters under sampled codes, users' top-10 -> RUN/gallery/
-#   TMDB_DETAILS=<details.jsonl> (default DATA/tmdb/details.jsonl): the text block joins the fused features
+#   TMDB_DETAILS=<details.jsonl> (default DATA/tmdb/details.jsonl): the text block joins the fused features [TEXT=no]
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -38,8 +38,10 @@ TIE_BREAK ?= hash
 COLD ?=
 # TMDB details (step 3's details.jsonl): when the file exists step 5 gets it and, unless BLOCKS is given,
 # adds the 'text' block to the preset's blocks; when it does not, the text block is left out (and said so)
+# TEXT=no leaves the text block out even when the file exists (e.g. to keep an older run's blocks).
 TMDB_DETAILS ?= $(DATA)/tmdb/details.jsonl
-HAS_DETAILS := $(if $(wildcard $(TMDB_DETAILS)),yes)
+TEXT ?= auto
+HAS_DETAILS := $(if $(filter no,$(TEXT)),,$(if $(wildcard $(TMDB_DETAILS)),yes))
 TEXT_FLAGS = $(if $(HAS_DETAILS),--tmdb-details $(TMDB_DETAILS) $(if $(BLOCKS),,--add-blocks text))
 ABLATION_OUT ?= $(RUN)/ablation
 SEEDS ?= 0,1,2
@@ -80,7 +82,7 @@ else
 	$(PY) experiments/04_extract_poster_features.py --run $(RUN) --posters $(POSTERS) \
 	  --backbone $(BACKBONE) --image-size $(IMAGE_SIZE)
 endif
-	$(if $(HAS_DETAILS),,@echo "no TMDB details at $(TMDB_DETAILS): the text block is left out (TMDB_DETAILS=<details.jsonl>)")
+	$(if $(HAS_DETAILS),@echo "TMDB details $(TMDB_DETAILS): the text block joins the fused features (TEXT=no to leave it out)",@echo "no text block: $(if $(filter no,$(TEXT)),TEXT=no,no TMDB details at $(TMDB_DETAILS) (TMDB_DETAILS=<details.jsonl>))")
 	$(PY) experiments/05_fuse_item_features.py $(RQVAE_GIN) --run $(RUN) --data $(DATA) \
 	  --posters-features $(RUN)/poster_features $(if $(BLOCKS),--blocks $(BLOCKS)) $(TEXT_FLAGS)
 

@@ -156,12 +156,20 @@ def build_model(input_dim: int, device: torch.device, features: np.ndarray | Non
 
 def initialise_codebooks(model: rqvae_module.RQVAE, features: torch.Tensor, sample_size: int,
                          generator: torch.Generator) -> None:
-    """k-means initialise every level on the encoder outputs of a random sample of items."""
+    """k-means initialise every level on the encoder outputs of a random sample of items, in eval mode (no
+    dropout, no block dropout: the codebooks start on the items as they will be coded)."""
     if model.quantizer.init != "kmeans":
         return
     index = torch.randperm(len(features), generator=generator)[:sample_size].to(features.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            latents = model.encode(features[index])
+    finally:
+        model.train(was_training)
     with torch.no_grad():
-        model.quantizer.initialise(model.encode(features[index]), generator)
+        model.quantizer.initialise(latents, generator)
     log.info("k-means initialised %d codebooks on %d items", model.n_levels, len(index))
 
 

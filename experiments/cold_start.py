@@ -373,9 +373,9 @@ def check_features_current(meta: dict, features_dir: Path, run: Path) -> None:
             raise artifacts.ArtifactError(f"{features_dir / 'blocks.json'} was fused from another {name} than {current}: "
                                           "re-run experiments/05_fuse_item_features.py for this run.")
     blocks = {b["name"] for b in meta.get("blocks", [])}
-    if (run / artifacts.COLD_ITEMS_FILE).is_file() and blocks & {"tags", "genome"} and \
-            artifacts.COLD_ITEMS_FILE not in recorded:
-        raise artifacts.ArtifactError(f"{features_dir} has blocks of user activity ({sorted(blocks & {'tags', 'genome'})}) "
+    activity = blocks & {"tags", "genome", "collab"}
+    if (run / artifacts.COLD_ITEMS_FILE).is_file() and activity and artifacts.COLD_ITEMS_FILE not in recorded:
+        raise artifacts.ArtifactError(f"{features_dir} has blocks of user activity ({sorted(activity)}) "
                                       f"fused without the run's {artifacts.COLD_ITEMS_FILE}: they may carry the cold "
                                       "items' tags; re-run experiments/05_fuse_item_features.py on this run.")
 

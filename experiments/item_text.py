@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.artifacts import ArtifactError, save_npz
+from experiments.tmdb_details import iter_details
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class MovieDetails:
     cast: tuple[str, ...]        # every credited name, by billing order (credits.cast[].order)
     directors: tuple[str, ...]
     keywords: tuple[str, ...]
+    tmdb_id: int | None = None   # checked against the run's items.csv
 
     @property
     def has_text(self) -> bool:
@@ -155,7 +157,8 @@ def parse_record(record) -> MovieDetails:
         overview=_optional_str(response, "overview", "response.overview"),
         cast=tuple(n for n in (_clean(c["name"]) for c in billed) if n),
         directors=tuple(n for n in directors if n),
-        keywords=tuple(n for n in (_clean(k["name"]) for k in keywords) if n))
+        keywords=tuple(n for n in (_clean(k["name"]) for k in keywords) if n),
+        tmdb_id=record.get("tmdbId") if isinstance(record.get("tmdbId"), int) else None)
 
 
 def read_details(path: str | os.PathLike) -> dict[int, MovieDetails]:
@@ -164,26 +167,29 @@ def read_details(path: str | os.PathLike) -> dict[int, MovieDetails]:
     if not path.is_file():
         raise ArtifactError(f"TMDB details file {path} is missing: {DETAILS_HELP}.")
     details: dict[int, MovieDetails] = {}
-    first_line: dict[int, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                movie = parse_record(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ArtifactError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno}); each "
-                                    f"line must be one object {{\"movieId\", \"tmdbId\", \"response\"}}. Fix or "
-                                    f"delete the line, or re-run the TMDB download step.") from None
-            except _BadRecord as err:
-                raise ArtifactError(f"{path}, line {number}: {err}. Fix or delete the line, or re-run the TMDB "
-                                    f"download step.") from None
-            if movie.movie_id in details:
-                raise ArtifactError(f"{path}, line {number}: movieId {movie.movie_id} already appeared on line "
-                                    f"{first_line[movie.movie_id]}; keep one record per movieId.")
-            details[movie.movie_id] = movie
-            first_line[movie.movie_id] = number
+    # the download step's reader checks the lines (JSON, ids, duplicates); the template's fields are checked here
+    for number, movie_id, tmdb_id, response in iter_details(path):
+        try:
+            details[movie_id] = parse_record({"movieId": movie_id, "tmdbId": tmdb_id, "response": response})
+        except _BadRecord as err:
+            raise ArtifactError(f"{path}, line {number}: {err}. Fix or delete the line, or re-run the TMDB "
+                                f"download step.") from None
     return details
+
+
+def check_tmdb_ids(items: pd.DataFrame, details: dict[int, MovieDetails], path: str | os.PathLike) -> None:
+    """ArtifactError when a record's tmdbId is not the one items.csv (links.csv) gives its movieId: the file
+    belongs to another dataset or another links.csv."""
+    if "tmdbId" not in items.columns:
+        return
+    expected = dict(zip(items["movieId"].astype(int), items["tmdbId"]))
+    wrong = [(m, d.tmdb_id, expected[m]) for m, d in details.items()
+             if m in expected and d.tmdb_id is not None and not pd.isna(expected[m]) and int(expected[m]) != d.tmdb_id]
+    if wrong:
+        movie, found, want = wrong[0]
+        raise ArtifactError(f"{path}: {len(wrong)} records carry another tmdbId than the run's items.csv (links.csv), "
+                            f"e.g. movieId {movie}: tmdbId {found} in the file, {want} in items.csv; the file belongs "
+                            f"to another dataset: pass the details of this one (TMDB_DETAILS / --tmdb-details).")
 
 
 def compose_text(title: str, movie: MovieDetails | None, n_cast: int = DEFAULT_CAST) -> str | None:
@@ -290,6 +296,7 @@ def text_features(items: pd.DataFrame, details_path: str | os.PathLike, n_cast: 
     Rows without text hold zeros that nothing reads: fusion standardises over the masked rows only.
     """
     details = read_details(details_path)
+    check_tmdb_ids(items, details, details_path)
     texts = movie_texts(items, details, n_cast)
     mask = np.array([t is not None for t in texts], dtype=bool)
     if not mask.any():

@@ -24,7 +24,7 @@ REAL_MOVIES = SHARED / "data" / "ml-latest-small" / "movies.csv"
 
 
 def record(movie_id: int, overview: str | None = "An overview.", **response) -> dict:
-    return {"movieId": movie_id, "tmdbId": movie_id + 500, "response": {"id": movie_id + 500, "overview": overview,
+    return {"movieId": movie_id, "tmdbId": movie_id + 1000, "response": {"id": movie_id + 1000, "overview": overview,
                                                                         **response}}
 
 
@@ -93,26 +93,38 @@ def test_records_without_text_get_none(tmp_path):
 
 
 @pytest.mark.parametrize("bad_line, field", [
-    ('{"movieId": 2, "response": {', "not valid JSON"),
-    ('[2, {}]', "field '<line>'"),
+    ('{"movieId": 2, "tmdbId": 7, "response": {', "not valid JSON"),
+    ('[2, {}]', "not an object"),
+    ('', "is empty"),
     ('{"tmdbId": 3, "response": {}}', "field 'movieId' is missing"),
-    ('{"movieId": "2", "response": {}}', "field 'movieId' must be an integer"),
-    ('{"movieId": 2}', "field 'response' is missing"),
-    ('{"movieId": 2, "response": null}', "field 'response' must be an object"),
-    ('{"movieId": 2, "response": {"overview": 5}}', "field 'response.overview' must be a string or null"),
-    ('{"movieId": 2, "response": {"credits": {"cast": [{"name": "A", "order": 0}, {"name": "B"}]}}}',
+    ('{"movieId": "2", "tmdbId": 7, "response": {}}', "field 'movieId' is '2', not a positive integer"),
+    ('{"movieId": 2, "response": {}}', "field 'tmdbId' is missing"),
+    ('{"movieId": 2, "tmdbId": 7}', "response"),
+    ('{"movieId": 2, "tmdbId": 7, "response": null}', "response"),
+    ('{"movieId": 2, "tmdbId": 7, "response": {"overview": 5}}', "field 'response.overview' must be a string or null"),
+    ('{"movieId": 2, "tmdbId": 7, "response": {"credits": {"cast": [{"name": "A", "order": 0}, {"name": "B"}]}}}',
      r"field 'response.credits.cast\[1\].order' is missing"),
-    ('{"movieId": 2, "response": {"credits": {"cast": ["A"]}}}', r"field 'response.credits.cast\[0\]' must be an object"),
-    ('{"movieId": 2, "response": {"credits": {"crew": [{"name": "A", "job": 3}]}}}',
+    ('{"movieId": 2, "tmdbId": 7, "response": {"credits": {"cast": ["A"]}}}',
+     r"field 'response.credits.cast\[0\]' must be an object"),
+    ('{"movieId": 2, "tmdbId": 7, "response": {"credits": {"crew": [{"name": "A", "job": 3}]}}}',
      r"field 'response.credits.crew\[0\].job' must be str"),
-    ('{"movieId": 2, "response": {"keywords": {"keywords": {"name": "x"}}}}',
+    ('{"movieId": 2, "tmdbId": 7, "response": {"keywords": {"keywords": {"name": "x"}}}}',
      "field 'response.keywords.keywords' must be a list"),
-    ('{"movieId": 1, "response": {"overview": "again"}}', "movieId 1 already appeared on line 1"),
+    ('{"movieId": 1, "tmdbId": 1001, "response": {"overview": "again"}}', "movieId 1 appears twice"),
 ])
 def test_malformed_lines_name_the_file_line_and_field(tmp_path, bad_line, field):
-    path = write_details(tmp_path / "details.jsonl", [record(1), "", bad_line])
-    with pytest.raises(ArtifactError, match=rf"details.jsonl, line 3: .*{field}"):
+    path = write_details(tmp_path / "details.jsonl", [record(1), bad_line])
+    with pytest.raises(ArtifactError, match=rf"details.jsonl,? lines? (1 and )?2:? .*{field}"):
         item_text.read_details(path)
+
+
+def test_details_of_another_dataset_are_refused_by_their_tmdb_ids(tmp_path):
+    items = pd.DataFrame({"movieId": [1, 2], "tmdbId": [1001, 1002], "title": ["A", "B"]})
+    path = write_details(tmp_path / "details.jsonl", [record(1), {**record(2), "tmdbId": 999}])
+    details = item_text.read_details(path)
+    with pytest.raises(ArtifactError, match="movieId 2: tmdbId 999 in the file, 1002 in items.csv"):
+        item_text.check_tmdb_ids(items, details, path)
+    item_text.check_tmdb_ids(items.assign(tmdbId=[1001, 999]), details, path)   # matching ids pass
 
 
 def test_a_missing_details_file_or_model_package_says_what_to_do(tmp_path, monkeypatch):

@@ -51,12 +51,13 @@ def test_tmdb_details_add_the_text_block_when_the_file_exists(tmp_path):
     details = tmp_path / "details.jsonl"
     common = [f"RUN={tmp_path / 'run'}", f"VENV={venv}", f"POSTERS={tmp_path}", f"TMDB_DETAILS={details}"]
     absent = make("-n", "features", *common).stdout
-    assert "--tmdb-details" not in absent and "the text block is left out" in absent
+    assert "--tmdb-details" not in absent and f"no TMDB details at {details}" in absent
     details.write_text("")
     present = make("-n", "features", *common).stdout
     assert f"--tmdb-details {details} --add-blocks text" in present
     # explicit blocks: the file is passed, the blocks are the user's
     chosen = make("-n", "features", "BLOCKS=genres,year,poster", *common).stdout
     assert f"--tmdb-details {details}" in chosen and "--add-blocks" not in chosen
+    assert "--tmdb-details" not in make("-n", "features", "TEXT=no", *common).stdout   # opted out
     ablation = make("-n", "ablation", *common).stdout
     assert f"--with-text --tmdb-details {details}" in ablation and f"--out {tmp_path / 'run'}/ablation" in ablation
