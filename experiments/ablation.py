@@ -123,6 +123,9 @@ def cold_summary(by_seed: dict[int, dict]) -> dict:
         cold = {m: np.array([r["models"][model][m] for r in runs]) for m in METRICS}
         warm = np.array([r["models"][model]["warm"]["recall@10"] for r in runs])
         cold_only = {m: np.array([r["models"][model]["cold_only"][m] for r in runs]) for m in ("recall@10", "ndcg@10")}
+        if all("item_mean" in r["models"][model] for r in runs):
+            cold_only["item_mean_recall@10"] = np.array([r["models"][model]["item_mean"]["cold_only"]["recall@10"]
+                                                         for r in runs])
         epsilons = list(runs[0]["sweep"][model])
         sweep = {e: np.array([r["sweep"][model][e]["cold"]["recall@10"] for r in runs]) for e in epsilons}
         out["models"][model] = {
@@ -144,15 +147,18 @@ def cold_markdown_table(summary: dict) -> str:
     first = rows[0]["cold"]
     lines = [f"Cold-start test examples ({first['n_cold_examples']}), epsilon {first['epsilon']}; mean ± std over "
              "seeds. Semantic-KNN uses the same feature set (it has no seed: its spread is 0).", "",
-             "| feature set | model | recall@10 | ndcg@10 | warm recall@10 | cold-only recall@10 | cold-only ndcg@10 |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| feature set | model | recall@10 | ndcg@10 | warm recall@10 | cold-only recall@10 | cold-only ndcg@10 | "
+             "item-mean cold-only recall@10 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         for model, m in row["cold"]["models"].items():
+            item_mean = m["cold_only"].get("item_mean_recall@10")
             lines.append(f"| {row['label']} | {model} | {m['mean']['recall@10']:.4f} ± {m['std']['recall@10']:.4f} | "
                          f"{m['mean']['ndcg@10']:.4f} ± {m['std']['ndcg@10']:.4f} | "
                          f"{m['warm_recall@10']['mean']:.4f} ± {m['warm_recall@10']['std']:.4f} | "
                          f"{m['cold_only']['recall@10']['mean']:.4f} ± {m['cold_only']['recall@10']['std']:.4f} | "
-                         f"{m['cold_only']['ndcg@10']['mean']:.4f} ± {m['cold_only']['ndcg@10']['std']:.4f} |")
+                         f"{m['cold_only']['ndcg@10']['mean']:.4f} ± {m['cold_only']['ndcg@10']['std']:.4f} | "
+                         + (f"{item_mean['mean']:.4f} ± {item_mean['std']:.4f} |" if item_mean else "n/a |"))
     return "\n".join(lines) + "\n"
 
 

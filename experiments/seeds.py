@@ -172,7 +172,7 @@ def cold_seeds(run: Path, seeds: list[int], threads: int | None = None) -> dict[
 
 
 COLD_COLUMNS = ("recall@10", "ndcg@10", "untied recall@10", "warm recall@10", "cold-only recall@10",
-                "cold-only ndcg@10", "natural cold recall@10")
+                "cold-only ndcg@10", "item-mean cold-only recall@10", "natural cold recall@10")
 
 
 def summarise_cold(reports: dict[int, dict]) -> dict:
@@ -189,6 +189,9 @@ def summarise_cold(reports: dict[int, dict]) -> dict:
                          "warm recall@10": _mean_std([r["warm"]["recall@10"] for r in runs]),
                          "cold-only recall@10": _mean_std([r["cold_only"]["recall@10"] for r in runs]),
                          "cold-only ndcg@10": _mean_std([r["cold_only"]["ndcg@10"] for r in runs]),
+                         "item-mean cold-only recall@10": _mean_std([r["item_mean"]["cold_only"]["recall@10"]
+                                                                     for r in runs])
+                         if all(r.get("item_mean") for r in runs) else None,
                          "natural cold recall@10": _mean_std([r["natural"]["cold"]["recall@10"] for r in runs])}
     return {"epsilon": first["epsilon"], "n_cold_items": first["n_cold_items"],
             "n_cold_examples": first["n_cold_examples"], "n_untied_cold_examples": first.get("n_untied_cold_examples"),

@@ -322,7 +322,7 @@ def test_cold_start_needs_a_cold_split(tmp_path):
 def fake_cold_report(seed_value: float) -> dict:
     metrics = {name: seed_value for name in ("recall@5", "recall@10", "ndcg@5", "ndcg@10")}
     entry = {**metrics, "warm": dict(metrics), "all": dict(metrics), "cold_only": dict(metrics),
-             "natural": {"cold": dict(metrics)}}
+             "natural": {"cold": dict(metrics)}, "item_mean": {"cold_only": dict(metrics)}}
     sweep = {str(e): {"cold": dict(metrics), "warm": dict(metrics), "all": dict(metrics)} for e in EPSILONS}
     return {"epsilon": 0.1, "n_cold_items": 8, "n_cold_examples": 5, "models": {"tiger": entry, "semantic_knn": entry},
             "sweep": {"tiger": sweep, "semantic_knn": sweep}}
@@ -340,7 +340,20 @@ def test_cold_summaries_over_seeds_known_answer():
     assert by_set["models"]["semantic_knn"]["mean"]["ndcg@10"] == pytest.approx(0.2)
     assert by_set["models"]["tiger"]["valid_sweep_recall@10"]["0.5"]["mean"] == pytest.approx(0.2)
     table = cold_markdown_table({"all": {"label": "all", "cold": by_set}})
-    assert "| all | tiger | 0.2000 ± 0.1414 |" in table
+    assert "| all | tiger | 0.2000 ± 0.1414 |" in table and table.rstrip().endswith("0.2000 ± 0.1414 |")
+    assert over_seeds["models"]["tiger"]["item-mean cold-only recall@10"]["mean"] == pytest.approx(0.2)
+
+
+def test_item_mean_metrics_weigh_every_target_movie_once():
+    from experiments.cold_start import item_mean_metrics
+    # movie 7 is the target of three examples, all hit at rank 1; movie 9 of one example, missed
+    ranked = np.full((4, TOP), NO_ITEM, dtype=np.int64)
+    ranked[:3, 0] = 7
+    ranked[3, 0] = 8
+    found = item_mean_metrics(ranked, np.array([7, 7, 7, 9]), epsilon=0.1)
+    assert found["n_items"] == 2
+    assert found["cold_only"]["recall@10"] == pytest.approx(0.5)          # per example it would be 0.75
+    assert found["epsilon"]["recall@10"] == pytest.approx(0.5)            # the one slot holds rank 1
 
 
 def test_target_concentration_known_answer():
