@@ -15,7 +15,7 @@ from experiments.artifacts import ArtifactError, StaleOutputError
 from modules.fusion import BlockFusion, BlockSpec, drop_blocks
 from modules.quantizer import ResidualQuantizer
 from modules.rqvae import RQVAE, mlp
-from tests.test_train_rqvae import fused_run, run_training  # noqa: F401 (fused_run: pytest fixture)
+from tests.test_train_rqvae import fused_run, kill_after_first_checkpoint, run_training  # noqa: F401 (fused_run: pytest fixture)
 
 MODES = ["gated", "attention"]
 # 12 columns: a (0-3) always present, b (4-6) masked by column 7, c (8-10) masked by column 11.
@@ -253,17 +253,7 @@ def test_a_resumed_run_with_block_dropout_is_the_uninterrupted_run(fused_run, mo
     """torch's global generator (block dropout) is saved in the checkpoint and restored on resume."""
     gated = ["RQVAE.fusion = 'gated'", "RQVAE.fusion_dim = 8", "RQVAE.block_dropout = 0.5",
              "train_rqvae.log_every = 4", ALLOW_COLLAPSED]
-    real_step = train_rqvae.train_step
-
-    def dying_step(model, optimizer, batch, reset_dead, generator):
-        if (fused_run / "rqvae" / "checkpoint.pt").is_file():
-            raise KeyboardInterrupt
-        return real_step(model, optimizer, batch, reset_dead, generator)
-
-    monkeypatch.setattr(train_rqvae, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(fused_run, gated, iterations=4)
-    monkeypatch.setattr(train_rqvae, "train_step", real_step)
+    kill_after_first_checkpoint(fused_run, monkeypatch, gated)
     run_training(fused_run, gated, iterations=4, overwrite=False)
     resumed = torch.load(fused_run / "rqvae" / "model.pt", weights_only=True)["model"]
     run_training(fused_run, gated, iterations=4)

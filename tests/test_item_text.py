@@ -213,18 +213,24 @@ def test_cache_reuses_embeddings_and_encodes_only_changed_texts(tmp_path, encode
         item_text.embed_texts(texts, cache)
 
 
-def test_the_fingerprint_follows_the_details_file_and_text_settings(tmp_path, encoder_calls):
-    fx = make_fixture(tmp_path)
-    details = tmp_path / "tmdb" / "details.jsonl"
-    fixture_details(fx, details)
-    config = tmp_path / "fuse.gin"
-    config.write_text("ML25MItemData.blocks = ['genres', 'text']\n")
+def script_runner(fx: dict, config: Path, details: Path):
+    """Run step 5's script on the fixture with the details file, as a fresh process would (gin cleared)."""
     script = load_fuse_script()
 
     def fuse_script(*flags):
         gin.clear_config()   # each parse locks the config, as in a fresh process
         script.main([str(config), "--run", str(fx["run"]), "--data", str(fx["data"]), "--tmdb-details", str(details),
                      *flags])
+    return fuse_script
+
+
+def test_the_fingerprint_follows_the_details_file_and_text_settings(tmp_path, encoder_calls):
+    fx = make_fixture(tmp_path)
+    details = tmp_path / "tmdb" / "details.jsonl"
+    fixture_details(fx, details)
+    config = tmp_path / "fuse.gin"
+    config.write_text("ML25MItemData.blocks = ['genres', 'text']\n")
+    fuse_script = script_runner(fx, config, details)
 
     try:
         fuse_script()
@@ -319,12 +325,10 @@ def test_add_blocks_appends_text_to_the_configured_blocks_once(tmp_path, encoder
     fixture_details(fx, details)
     config = tmp_path / "fuse.gin"
     config.write_text("ML25MItemData.blocks = ['genres', 'year']\n")
-    script = load_fuse_script()
+    fuse_script = script_runner(fx, config, details)
 
     def blocks_after(*flags):
-        gin.clear_config()   # each parse locks the config, as in a fresh process
-        script.main([str(config), "--run", str(fx["run"]), "--data", str(fx["data"]), "--tmdb-details", str(details),
-                     "--overwrite", *flags])
+        fuse_script("--overwrite", *flags)
         return [b["name"] for b in json.loads((fx["run"] / "item_features" / "blocks.json").read_text())["blocks"]]
 
     try:

@@ -136,8 +136,9 @@ def test_finished_run_is_skipped_and_an_interrupted_one_resumes(fused_run, monke
     assert [r["total_loss"] for r in uninterrupted_log] == [r["total_loss"] for r in resumed_log]
 
 
-def kill_after_first_checkpoint(fused_run: Path, monkeypatch) -> None:
-    """Train until the first checkpoint is written, then die as a killed run would."""
+def kill_after_first_checkpoint(fused_run: Path, monkeypatch, extra: list[str] = ()) -> None:
+    """Train (with the gin bindings `extra`) until the first checkpoint is written, then die as a killed run
+    would; train_step is restored afterwards."""
     real_step = train_rqvae.train_step
 
     def dying_step(model, optimizer, batch, reset_dead, generator):
@@ -147,7 +148,8 @@ def kill_after_first_checkpoint(fused_run: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(train_rqvae, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        run_training(fused_run, iterations=4)
+        run_training(fused_run, extra, iterations=4)
+    monkeypatch.setattr(train_rqvae, "train_step", real_step)
     monkeypatch.setattr(train_rqvae, "train_step", real_step)
 
 
