@@ -45,14 +45,16 @@ def feature_sets(data_dir: Path, with_text: bool = False) -> dict[str, FeatureSe
     block the text/all sets `with_text`. collab adds the collaborative block (modules/collab.py) to genres+year,
     all_collab to all."""
     meta = ("tags", "genome") if (Path(data_dir) / "genome-scores.csv").is_file() else ("tags",)
-    meta += ("text",) if with_text else ()
+    text = ("text",) if with_text else ()
+    # blocks in the pipeline's order (make pipeline: the preset's blocks, then text), so that `all` fuses
+    # exactly the pipeline's item matrix
     return {s.name: s for s in (
         FeatureSet("genres_year", "genres+year", ("genres", "year")),
-        FeatureSet("text", "+ tags/text" if with_text else "+ tags", ("genres", "year") + meta),
+        FeatureSet("text", "+ tags/text" if with_text else "+ tags", ("genres", "year") + meta + text),
         FeatureSet("poster", "+ poster", ("genres", "year", "poster")),
-        FeatureSet("all", "all", ("genres", "year") + meta + ("poster",)),
+        FeatureSet("all", "all", ("genres", "year") + meta + ("poster",) + text),
         FeatureSet("collab", "+ collab", ("genres", "year", "collab")),
-        FeatureSet("all_collab", "all + collab", ("genres", "year") + meta + ("poster", "collab")),
+        FeatureSet("all_collab", "all + collab", ("genres", "year") + meta + ("poster",) + text + ("collab",)),
     )}
 
 

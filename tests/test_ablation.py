@@ -11,7 +11,7 @@ def test_genome_joins_metadata_sets_only_when_present(tmp_path):
     assert sets["text"].blocks == ("genres", "year", "tags") and "poster" not in sets["text"].blocks
     (tmp_path / "genome-scores.csv").write_text("movieId,tagId,relevance\n")
     sets = feature_sets(tmp_path, with_text=True)
-    assert sets["all"].blocks == ("genres", "year", "tags", "genome", "text", "poster")
+    assert sets["all"].blocks == ("genres", "year", "tags", "genome", "poster", "text")
     assert sets["genres_year"].blocks == ("genres", "year")
 
 
