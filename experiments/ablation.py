@@ -97,8 +97,27 @@ def run_cell(run: Path, out: Path, fset: FeatureSet, seed: int, rqvae_config: st
     return result
 
 
+def _stat(values) -> dict:
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0}
+
+
+# columns beside the four test metrics, each read from a decoder's metrics.json where every seed reports it
+EXTRA_COLUMNS = {"untied ndcg@10": ("test", "untied", "ndcg@10"), "test nll": ("test", "nll"),
+                 "valid ndcg@10": ("valid", "ndcg@10"), "valid nll": ("valid", "nll")}
+
+
+def _lookup(result: dict, keys: tuple[str, ...]):
+    for key in keys:
+        if not isinstance(result, dict) or key not in result:
+            return None
+        result = result[key]
+    return result
+
+
 def summarise(results: dict[str, dict[int, dict]], sets: dict[str, FeatureSet]) -> dict:
-    """Mean and sample std over seeds of each test metric, per feature set."""
+    """Mean and sample std over seeds of each test metric, per feature set, and of EXTRA_COLUMNS (untied
+    targets, NLL, validation) where every seed's metrics.json has them."""
     summary = {}
     for name, by_seed in results.items():
         values = {m: np.array([by_seed[s]["test"][m] for s in sorted(by_seed)]) for m in METRICS}
@@ -107,9 +126,76 @@ def summarise(results: dict[str, dict[int, dict]], sets: dict[str, FeatureSet]) 
                          "mean": {m: float(v.mean()) for m, v in values.items()},
                          "std": {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()},
                          "per_seed": {str(s): {m: by_seed[s]["test"][m] for m in METRICS} for s in sorted(by_seed)}}
+        extra = {}
+        for column, keys in EXTRA_COLUMNS.items():
+            found = [_lookup(by_seed[s], keys) for s in sorted(by_seed)]
+            if all(v is not None for v in found):
+                extra[column] = _stat(found)
+                for s, v in zip(sorted(by_seed), found):
+                    summary[name]["per_seed"][str(s)][column] = v
+        summary[name]["extra"] = extra
         if all("cold" in r for r in by_seed.values()):
             summary[name]["cold"] = cold_summary(by_seed)
     return summary
+
+
+# (with, without, what the difference measures): paired by seed, since seed s trains both cells' RQ-VAE and TIGER
+CONTRASTS = (("poster", "genres_year", "poster over genres+year"),
+             ("all", "text", "poster over genres+year+tags/text"),
+             ("text", "genres_year", "tags/text over genres+year"),
+             ("collab", "genres_year", "collab over genres+year"),
+             ("all_collab", "all", "collab over all"))
+
+
+def contrasts(summary: dict) -> list[dict]:
+    """Per-seed differences (test and validation ndcg@10) of each CONTRASTS pair both present, with how many
+    seeds the difference is positive on: an effect whose sign holds across seeds is one that every seed shows."""
+    out = []
+    for with_, without, label in CONTRASTS:
+        if with_ not in summary or without not in summary:
+            continue
+        seeds = sorted(set(summary[with_]["per_seed"]) & set(summary[without]["per_seed"]), key=int)
+        row = {"with": with_, "without": without, "label": label, "seeds": [int(s) for s in seeds]}
+        for column in ("ndcg@10", "valid ndcg@10"):
+            if not all(column in summary[n]["per_seed"][s] for n in (with_, without) for s in seeds):
+                continue
+            deltas = [summary[with_]["per_seed"][s][column] - summary[without]["per_seed"][s][column] for s in seeds]
+            row[column] = {**_stat(deltas), "per_seed": deltas, "n_positive": sum(d > 0 for d in deltas)}
+        out.append(row)
+    return out
+
+
+def reference_sasrec(run: Path, seeds: list[int]) -> dict[int, dict]:
+    """SASRec's metrics.json of each seed the run has one for (make pipeline: seed 0, make seeds: the others),
+    checked against the run's current interactions; {} where none exists."""
+    from experiments.seeds import SOURCES, seed_folder
+    from experiments.baselines import check_result_is_current
+    found = {}
+    for seed in seeds:
+        path = seed_folder(run, seed) / SOURCES["sasrec"]
+        if path.is_file():
+            result = load_json(path, "experiments/07_train_baselines.py")
+            check_result_is_current(result, path, run)
+            found[seed] = result
+    return found
+
+
+def add_reference(summary: dict, sasrec: dict[int, dict]) -> None:
+    """Each set's test ndcg@10 as a fraction of SASRec's of the same seed (seeds both have), and SASRec's row."""
+    if not sasrec:
+        return
+    for row in summary.values():
+        common = [s for s in row["seeds"] if s in sasrec]
+        if common:
+            row["extra"]["÷ SASRec ndcg@10"] = _stat([row["per_seed"][str(s)]["ndcg@10"] / sasrec[s]["test"]["ndcg@10"]
+                                                      for s in common])
+    seeds = sorted(sasrec)
+    summary_sasrec = {"label": "SASRec-CE (reference)", "seeds": seeds,
+                      "mean": {m: float(np.mean([sasrec[s]["test"][m] for s in seeds])) for m in METRICS},
+                      "std": {m: _stat([sasrec[s]["test"][m] for s in seeds])["std"] for m in METRICS},
+                      "extra": {c: _stat([_lookup(sasrec[s], k) for s in seeds]) for c, k in EXTRA_COLUMNS.items()
+                                if all(_lookup(sasrec[s], k) is not None for s in seeds)}}
+    summary["_reference"] = {"sasrec": summary_sasrec}
 
 
 COLD_MODELS = ("tiger", "semantic_knn")
@@ -143,7 +229,7 @@ def cold_summary(by_seed: dict[int, dict]) -> dict:
 
 def cold_markdown_table(summary: dict) -> str:
     """Feature set x (TIGER, Semantic-KNN) cold test metrics, mean ± std over seeds."""
-    rows = [r for r in summary.values() if "cold" in r]
+    rows = [r for r in feature_rows(summary).values() if "cold" in r]
     if not rows:
         return ""
     first = rows[0]["cold"]
@@ -170,7 +256,7 @@ def cold_plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    for row in summary.values():
+    for row in feature_rows(summary).values():
         for model, style in zip(COLD_MODELS, ("-", "--")):
             sweep = row["cold"]["models"][model]["valid_sweep_recall@10"]
             eps = [float(e) for e in sweep]
@@ -182,16 +268,48 @@ def cold_plot(summary: dict, path: Path) -> None:
     save_figure(path, fig, dpi=120)
 
 
+def _cell(stat: dict) -> str:
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+
+def feature_rows(summary: dict) -> dict:
+    """The summary's feature-set rows (without the `_reference` entry)."""
+    return {k: v for k, v in summary.items() if not k.startswith("_")}
+
+
 def markdown_table(summary: dict) -> str:
-    """Feature set x metric, mean ± std over seeds (test split)."""
-    seeds = {len(v["seeds"]) for v in summary.values()}
+    """Feature set x metric, mean ± std over seeds (test split; validation and NLL columns where reported),
+    SASRec's reference row when the run has it, and the paired per-seed contrasts."""
+    rows = feature_rows(summary)
+    seeds = {len(v["seeds"]) for v in rows.values()}
+    extras = [c for c in list(EXTRA_COLUMNS) + ["÷ SASRec ndcg@10"] if all(c in r.get("extra", {}) for r in rows.values())]
+    columns = list(METRICS) + extras
     lines = [f"TIGER test metrics by item-feature set, mean ± std over {'/'.join(map(str, sorted(seeds)))} seed(s); "
              "leave-one-out, full ranking, seen items excluded.", "",
-             "| feature set | blocks | " + " | ".join(METRICS) + " |",
-             "|---|---|" + "---:|" * len(METRICS)]
-    for row in summary.values():
-        cells = [f"{row['mean'][m]:.4f} ± {row['std'][m]:.4f}" for m in METRICS]
+             "| feature set | blocks | " + " | ".join(columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
+    for row in rows.values():
+        cells = [_cell({"mean": row["mean"][m], "std": row["std"][m]}) for m in METRICS]
+        cells += [_cell(row["extra"][c]) for c in extras]
         lines.append(f"| {row['label']} | {', '.join(row['blocks'])} | " + " | ".join(cells) + " |")
+    reference = summary.get("_reference", {}).get("sasrec")
+    if reference:
+        cells = [_cell({"mean": reference["mean"][m], "std": reference["std"][m]}) for m in METRICS]
+        cells += [_cell(reference["extra"][c]) if c in reference["extra"] else "-" for c in extras]
+        lines.append(f"| {reference['label']}, seeds {','.join(map(str, reference['seeds']))} | - | "
+                     + " | ".join(cells) + " |")
+    paired = contrasts(rows)
+    if paired:
+        lines += ["", "Paired differences (same seed), mean ± std over seeds, and on how many seeds the difference "
+                  "is positive:", "", "| difference | test ndcg@10 | seeds > 0 | valid ndcg@10 | seeds > 0 |",
+                  "|---|---:|---:|---:|---:|"]
+        for row in paired:
+            cells = []
+            for column in ("ndcg@10", "valid ndcg@10"):
+                stat = row.get(column)
+                cells += ([f"{stat['mean']:+.4f} ± {stat['std']:.4f}", f"{stat['n_positive']}/{len(row['seeds'])}"]
+                          if stat else ["-", "-"])
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +319,7 @@ def bar_plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    summary = feature_rows(summary)
     labels = [row["label"] for row in summary.values()]
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 2, 3.6))
@@ -247,10 +366,13 @@ def run_ablation(run: Path, data: Path, poster_features: Path, set_names: list[s
     pool.shutdown()
     results = {name: dict(sorted(by_seed.items())) for name, by_seed in results.items()}
     summary = summarise(results, sets)
+    add_reference(summary, reference_sasrec(run, seeds))
+    summary["_contrasts"] = contrasts(feature_rows(summary))
     save_json(out / "ablation.json", summary)
     save_text(out / "ablation.md", markdown_table(summary) + ("\n" + cold_markdown_table(summary)
-                                                               if any("cold" in r for r in summary.values()) else ""))
+                                                               if any("cold" in r for r in feature_rows(summary).values())
+                                                               else ""))
     bar_plot(summary, out / "ablation.png")
-    if all("cold" in r for r in summary.values()):
+    if all("cold" in r for r in feature_rows(summary).values()):
         cold_plot(summary, out / "ablation_cold.png")
     return summary

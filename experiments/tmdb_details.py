@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -90,6 +91,35 @@ def iter_details(path: str | os.PathLike) -> Iterator[tuple[int, int, int, dict]
     Raises ArtifactError naming the file, line and field on a malformed line (a torn last line included:
     call `drop_torn_last_line` first to accept one) and on a movieId that appears twice.
     """
+    yield from _checked_lines(path, _parse_line)
+
+
+# The head of a line as `details_line` writes it; scanning for saved movies reads only this (a line whose head
+# differs, e.g. a hand-edited one, is parsed in full instead).
+_HEAD = re.compile(rb'\{"movieId": ([1-9][0-9]*), "tmdbId": ([1-9][0-9]*), "response": \{')
+
+
+def iter_saved_ids(path: str | os.PathLike) -> Iterator[tuple[int, int, int]]:
+    """Yield `(line_no, movieId, tmdbId)` of each line of a details file, without parsing the responses.
+
+    For resuming a download: on ML-25M with full credits the file holds gigabytes of JSON, which
+    `iter_details` would decode in full. A line in `details_line`'s own shape (its head, a closing brace and a
+    newline) is read from its head; any other line is checked in full, with `iter_details`'s errors, and so
+    are duplicate movieIds. The responses themselves are checked where they are read (`load_tmdb_details`).
+    """
+    def read_head(path: Path, line_no: int, raw: bytes) -> tuple[int, int, None]:
+        head = _HEAD.match(raw)
+        if head and raw.endswith(b"}}\n"):
+            return int(head[1]), int(head[2]), None
+        return _parse_line(path, line_no, raw)[:2] + (None,)
+
+    for line_no, movie_id, tmdb_id, _ in _checked_lines(path, read_head):
+        yield line_no, movie_id, tmdb_id
+
+
+def _checked_lines(path: str | os.PathLike, read) -> Iterator[tuple]:
+    """`(line_no, *read(path, line_no, raw))` per line; an ArtifactError for a missing file, an empty line or a
+    movieId that appears twice."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: run {PRODUCER} first.")
@@ -98,12 +128,12 @@ def iter_details(path: str | os.PathLike) -> Iterator[tuple[int, int, int, dict]
         for line_no, raw in enumerate(fh, start=1):
             if not raw.strip():
                 raise ArtifactError(f"{path} line {line_no} is empty; delete that line.")
-            movie_id, tmdb_id, response = _parse_line(path, line_no, raw)
+            movie_id, tmdb_id, rest = read(path, line_no, raw)
             if movie_id in first_line:
                 raise ArtifactError(f"{path} lines {first_line[movie_id]} and {line_no}: movieId {movie_id} appears "
                                     f"twice (two runs wrote this file at once?); delete one of the two lines.")
             first_line[movie_id] = line_no
-            yield line_no, movie_id, tmdb_id, response
+            yield line_no, movie_id, tmdb_id, rest
 
 
 def _parse_line(path: Path, line_no: int, raw: bytes) -> tuple[int, int, dict]:

@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from experiments import download
 from experiments.artifacts import atomic_path, save_json, save_text
-from experiments.tmdb_details import APPEND_TO_RESPONSE, append_line, details_line, drop_torn_last_line, iter_details
+from experiments.tmdb_details import APPEND_TO_RESPONSE, append_line, details_line, drop_torn_last_line, iter_saved_ids
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +432,7 @@ class DetailsStore:
         if not self.path.is_file():
             return dropped
         tmdb_of = {link.movie_id: link.tmdb_id for link in links}
-        for line_no, movie_id, tmdb_id, _ in iter_details(self.path):
+        for line_no, movie_id, tmdb_id in iter_saved_ids(self.path):
             if movie_id not in tmdb_of or tmdb_of[movie_id] != tmdb_id:
                 said = "has no such movieId" if movie_id not in tmdb_of else f"gives tmdbId {tmdb_of[movie_id]}"
                 raise ValueError(f"{self.path} line {line_no}: movieId {movie_id} has tmdbId {tmdb_id}, but links.csv "

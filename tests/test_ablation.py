@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.ablation import feature_sets, markdown_table, run_ablation, summarise
+from experiments.ablation import contrasts, feature_sets, markdown_table, run_ablation, summarise
 
 
 def test_genome_joins_metadata_sets_only_when_present(tmp_path):
@@ -89,3 +89,48 @@ def test_a_failed_cell_stops_the_ablation_before_any_queued_cell(tmp_path, monke
                      out=tmp_path / "abl", jobs=1)
     assert len(decoders) == 1  # the other five cells never started
     assert not (tmp_path / "abl" / "ablation.md").exists()
+
+
+def _decoder_metrics(ndcg10: float, valid_ndcg10: float, nll: float = 7.0) -> dict:
+    test = {"recall@5": ndcg10, "recall@10": 2 * ndcg10, "ndcg@5": ndcg10 / 2, "ndcg@10": ndcg10, "nll": nll,
+            "untied": {"ndcg@10": ndcg10 / 2, "n_users": 5}}
+    return {"n_test_users": 7, "test": test, "valid": {"ndcg@10": valid_ndcg10, "nll": nll + 0.5}}
+
+
+def test_paired_contrasts_count_the_seeds_where_the_block_helps():
+    sets = feature_sets("/nonexistent", with_text=True)
+    results = {"genres_year": {0: _decoder_metrics(0.030, 0.03), 1: _decoder_metrics(0.040, 0.04),
+                               2: _decoder_metrics(0.050, 0.05)},
+               "poster": {0: _decoder_metrics(0.035, 0.02), 1: _decoder_metrics(0.038, 0.05),
+                          2: _decoder_metrics(0.056, 0.06)}}
+    summary = summarise(results, sets)
+    assert summary["poster"]["extra"]["valid nll"]["mean"] == pytest.approx(7.5)
+    assert summary["poster"]["extra"]["untied ndcg@10"]["mean"] == pytest.approx((0.035 + 0.038 + 0.056) / 6)
+    (row,) = contrasts(summary)                      # only the pair whose both sets ran
+    assert (row["with"], row["without"]) == ("poster", "genres_year")
+    assert row["ndcg@10"]["per_seed"] == pytest.approx([0.005, -0.002, 0.006])
+    assert row["ndcg@10"]["n_positive"] == 2 and row["valid ndcg@10"]["n_positive"] == 2
+    assert row["ndcg@10"]["mean"] == pytest.approx(0.003)
+    table = markdown_table(summary)
+    assert "| valid ndcg@10 | valid nll |" in table
+    assert "| poster over genres+year | +0.0030 ± 0.0044 | 2/3 |" in table
+
+
+def test_sasrec_reference_row_and_ratio_from_the_runs_seed_folders(tmp_path, monkeypatch):
+    import experiments.ablation as ablation
+    sets = feature_sets("/nonexistent")
+    summary = summarise({"poster": {0: _decoder_metrics(0.03, 0.03), 1: _decoder_metrics(0.05, 0.05)}}, sets)
+    sasrec = {0: _decoder_metrics(0.06, 0.06), 1: _decoder_metrics(0.05, 0.05)}
+    ablation.add_reference(summary, sasrec)
+    assert summary["poster"]["extra"]["÷ SASRec ndcg@10"]["mean"] == pytest.approx((0.5 + 1.0) / 2)
+    assert summary["_reference"]["sasrec"]["mean"]["ndcg@10"] == pytest.approx(0.055)
+    table = markdown_table(summary)
+    assert "| SASRec-CE (reference), seeds 0,1 | - | " in table and "÷ SASRec ndcg@10" in table
+    # the run's seed folders: seed 0 is RUN/baselines, seed s RUN/seed<s>/baselines, each checked as current
+    run = tmp_path / "run"
+    for folder in (run / "baselines" / "sasrec", run / "seed2" / "baselines" / "sasrec"):
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text('{"n_test_users": 7}')
+    checked = []
+    monkeypatch.setattr("experiments.baselines.check_result_is_current", lambda r, p, d: checked.append(p))
+    assert sorted(ablation.reference_sasrec(run, [0, 1, 2])) == [0, 2] and len(checked) == 2

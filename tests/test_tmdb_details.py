@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from experiments.artifacts import ArtifactError
-from experiments.tmdb_details import append_line, details_line, drop_torn_last_line, iter_details, load_tmdb_details
+from experiments.tmdb_details import (append_line, details_line, drop_torn_last_line, iter_details, iter_saved_ids,
+                                      load_tmdb_details)
 
 REAL_DETAILS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small-tmdb" / "details.jsonl"
 
@@ -60,12 +61,23 @@ GOOD = '{"movieId": 1, "tmdbId": 862, "response": {"id": 862}}\n'
     ('{"movieId": 2, "tmdbId": 88', r"line 2 is not valid JSON.*no newline: a download killed mid-write.*--details-only"),
 ], ids=["bad-json", "not-object", "no-movieId", "string-id", "bool-id", "zero-tmdbId", "response-list",
         "no-response", "empty", "duplicate", "torn-tail"])
-def test_malformed_lines_name_file_line_and_field(tmp_path, line, message):
+@pytest.mark.parametrize("reader", [load_tmdb_details, lambda p: list(iter_saved_ids(p))], ids=["load", "resume-scan"])
+def test_malformed_lines_name_file_line_and_field(tmp_path, line, message, reader):
     path = tmp_path / "details.jsonl"
     path.write_text(GOOD + line + (GOOD.replace("1", "9") if line.endswith("\n") else ""), encoding="utf-8")
     with pytest.raises(ArtifactError, match=message) as err:
-        load_tmdb_details(path)
+        reader(path)
     assert str(path) in str(err.value)
+
+
+def test_resume_scan_reads_the_writers_heads_and_parses_other_lines_in_full(tmp_path):
+    path = write_fixture(tmp_path / "details.jsonl")
+    with open(path, "a", encoding="utf-8") as fh:   # hand-written: other key order and spacing
+        fh.write('{"tmdbId":70,"response":{"id":70},"movieId":7}\n')
+    expected = [(n, m, t) for n, m, t, _ in iter_details(path)]
+    assert list(iter_saved_ids(path)) == expected == [(1, 1, 862), (2, 5, 11862), (3, 3, 15602), (4, 7, 70)]
+    if REAL_DETAILS.is_file():   # the shared file is in the writer's shape: every line read from its head
+        assert list(iter_saved_ids(REAL_DETAILS)) == [(n, m, t) for n, m, t, _ in iter_details(REAL_DETAILS)]
 
 
 def test_missing_file_names_the_step_that_writes_it(tmp_path):
