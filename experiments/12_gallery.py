@@ -1,7 +1,7 @@
 """Step 12: poster galleries of a finished run: the items under first-level codes, TIGER's top-10 for test users.
 
     python experiments/12_gallery.py --run runs/ml_small --posters dataset/ml-latest-small/posters
-        [--decoder RUN/decoder] [--out RUN/gallery] [--codes 12] [--per-code 16] [--code-order largest|random]
+        [--decoder RUN/decoder] [--rqvae RUN/rqvae] [--out RUN/gallery] [--codes 12] [--per-code 16] [--code-order largest|random]
         [--users 8] [--history 10] [--seed 0] [--beam-width N] [--threads N]
 
 Writes OUT/codes.png, OUT/users.png, OUT/gallery.md (index with relative links) and OUT/gallery.json (layout)
@@ -24,6 +24,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--run", required=True, help="finished run folder (items.csv, rqvae/, decoder/)")
     parser.add_argument("--posters", required=True, help="folder of {movieId}.jpg posters")
     parser.add_argument("--decoder", help="TIGER's train_decoder.py folder (default RUN/decoder)")
+    parser.add_argument("--rqvae", help="train_rqvae.py folder of the codes shown (default RUN/rqvae; with users, the "
+                                        "one the decoder was trained on)")
     parser.add_argument("--out", help="output folder (default RUN/gallery)")
     parser.add_argument("--codes", type=int, default=12, help="first-level codes to show (default 12)")
     parser.add_argument("--per-code", type=int, default=16, help="posters per code at most (default 16)")
@@ -40,7 +42,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     try:
         report = make_gallery(args.run, args.posters, args.out, args.decoder, args.codes, args.per_code, args.users,
-                              args.code_order, args.history, args.seed, args.beam_width)
+                              args.code_order, args.history, args.seed, args.beam_width, args.rqvae)
     except (ArtifactError, ValueError) as err:
         sys.exit(exit_message(err))
     print((pathlib.Path(args.out or pathlib.Path(args.run) / "gallery") / "gallery.md").read_text())

@@ -334,10 +334,12 @@ def load_decoder(decoder_dir: Path, run: Path):
 def make_gallery(run: str | Path, posters: str | Path, out: str | Path | None = None,
                  decoder: str | Path | None = None, n_codes: int = 12, per_code: int = 16, n_users: int = 8,
                  code_order: str = "largest", n_history: int = 10, seed: int = 0,
-                 beam_width: int | None = None) -> dict:
+                 beam_width: int | None = None, rqvae: str | Path | None = None) -> dict:
     """Write codes.png, users.png (when n_users > 0), gallery.md and gallery.json into OUT; returns the json.
 
     decoder: a train_decoder.py folder (default RUN/decoder). beam_width: default the decoder's own.
+    rqvae: the train_rqvae.py folder whose codes the code strips show (default RUN/rqvae); with users, it
+    must hold the semantic IDs the decoder was trained on, so that both images show one set of codes.
     """
     run = Path(run)
     out = Path(out) if out else run / "gallery"
@@ -347,15 +349,21 @@ def make_gallery(run: str | Path, posters: str | Path, out: str | Path | None = 
                                       "(experiments/03_download_posters.py writes one).")
     items = artifacts.load_items(run)
     movie_ids = items["movieId"].to_numpy()
-    semantic_ids, _ = train_decoder.load_semantic_ids(run, run / "rqvae", None, False, 0)
+    rqvae_dir = Path(rqvae) if rqvae else run / "rqvae"
+    semantic_ids, _ = train_decoder.load_semantic_ids(run, rqvae_dir, None, False, 0)
     shelf = PosterShelf(posters, movie_ids)
     groups = sample_codes(semantic_ids, n_codes, per_code, seed, code_order)
-    report = {"run": str(run), "posters": str(posters), "seed": seed, "code_order": code_order,
+    report = {"run": str(run), "rqvae": str(rqvae_dir), "posters": str(posters), "seed": seed, "code_order": code_order,
               "codes": draw_strips(out / "codes.png", code_strips(groups, semantic_ids, items), shelf)}
     log.info("codes.png: %d codes", len(groups))
     if n_users:
         decoder_dir = Path(decoder) if decoder else run / "decoder"
         model, data, run_beam, top_k = load_decoder(decoder_dir, run)
+        if not np.array_equal(data.semantic_ids, semantic_ids):
+            raise artifacts.ArtifactError(
+                f"{decoder_dir} was trained on other semantic IDs than {rqvae_dir} holds: pass --rqvae with the "
+                f"folder it was trained on ('semantic_ids' in its {train_decoder.METRICS_FILE}), so that the "
+                "code and user images show the same codes.")
         beam_width = beam_width or run_beam
         trie = SemanticIdTrie(torch.as_tensor(data.semantic_ids), data.vocab.codebook_sizes)
         examples = rank_test_users(model, data, trie, sample_users(data.interactions.n_users, n_users, seed),

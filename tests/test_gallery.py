@@ -209,3 +209,22 @@ def test_cli_without_users_needs_no_decoder_and_bad_inputs_say_what_to_do(finish
                      "--decoder", str(tmp_path / "absent")])
     with pytest.raises(SystemExit, match="no poster folder at"):
         script.main(["--run", str(run), "--posters", str(tmp_path / "none")])
+
+
+def test_codes_come_from_the_rqvae_folder_given_and_must_match_the_decoders(finished_run, tmp_path):
+    run, posters, semantic_ids = finished_run
+    other = tmp_path / "rqvae_other"
+    shifted = semantic_ids.copy()
+    shifted[:, 0] = (shifted[:, 0] + 1) % 7        # another set of codes for the same items
+    artifacts.save_npy(other / "semantic_ids.npy", shifted)
+    artifacts.save_npy(other / "movie_ids.npy", np.load(run / "item_ids.npy"))
+    artifacts.save_json(other / "semantic_ids.json", {"codebook_sizes": codebook_sizes(shifted, 7)})
+    report = gallery.make_gallery(run, posters, tmp_path / "g", n_codes=2, per_code=3, n_users=0, rqvae=other)
+    assert report["rqvae"] == str(other)
+    largest = Counter(shifted[:, 0].tolist()).most_common(1)[0][0]
+    assert report["codes"]["strips"][0]["code"] == largest != Counter(semantic_ids[:, 0].tolist()).most_common(1)[0][0]
+    for strip in report["codes"]["strips"]:       # each shown item's first code is the strip's, in `other`
+        rows = [t["row"] for t in strip["tiles"]]
+        assert (shifted[rows, 0] == strip["code"]).all()
+    with pytest.raises(artifacts.ArtifactError, match=r"trained on other semantic IDs than .*rqvae_other.*--rqvae"):
+        gallery.make_gallery(run, posters, tmp_path / "g2", n_codes=2, per_code=3, n_users=2, rqvae=other)
