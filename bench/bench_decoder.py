@@ -4,6 +4,7 @@
     python bench/bench_decoder.py --device cuda --eval-batch 1024
     python bench/bench_decoder.py --targets-per-window 10   # causal encoder, 10 targets per encoder pass
     python bench/bench_decoder.py --compare-hf              # side by side with Hugging Face T5 (pip install -r bench/requirements-hf.txt)
+    python bench/bench_decoder.py --compare-hf --bf16       # the same, every model trained under CPU bf16 autocast
 
 Synthetic inputs of the real shapes: semantic IDs (256, 256, 256, 8) for --items items (default the
 9,742 of ml-latest-small), full 20-item histories, 50 seen items per user. Prints one markdown table
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the figures to this JSON file")
     parser.add_argument("--compare-hf", action="store_true",
                         help="time ours against transformers' T5ForConditionalGeneration at the same sizes (bench/compare_hf.py)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="with --compare-hf: train every model under CPU bf16 autocast (decoding stays float32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.compare_hf:

@@ -114,9 +114,14 @@ def compare(args) -> dict:
     lm_visible = torch.arange(1, HISTORY + 1).repeat(args.batch, 1)
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
 
+    # --bf16: every model's training forward under CPU bf16 autocast (like for like; our output heads and
+    # losses stay float32 inside it), decoding in float32
+    precision = "bf16 autocast" if getattr(args, "bf16", False) else "float32"
+
     def step(name, loss_fn):
         def run():
-            loss = loss_fn()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32"):
+                loss = loss_fn()
             optimizers[name].zero_grad()
             loss.backward()
             optimizers[name].step()
@@ -149,18 +154,19 @@ def compare(args) -> dict:
     exact = exactness_check(ours, hf, vocab, rng, args.beam, args.top_k)
 
     results = {"device": "cpu", "threads": args.threads, "load_average": os.getloadavg(), "batch": args.batch,
+               "train_precision": precision,
                "parameters_m": counts, "train_examples_per_s": train_rate, "beam_users_per_s": decode_rate,
                "train_ratio": train_rate["ours"] / train_rate["hf"], "train_ratio_lm": train_rate["lm"] / train_rate["hf"],
                "train_ratio_item": train_rate["item"] / train_rate["hf"],
                "decode_ratio": decode_rate["ours"] / decode_rate["hf"], "beam": args.beam, "top_k": args.top_k,
                "eval_batch": args.eval_batch, "items": args.items, "rounds": args.eval_repeats} | exact
-    print(f"| model | parameters | train examples/s (batch {args.batch}) | constrained beam {args.beam} / top-{args.top_k}, users/s |")
+    print(f"| model | parameters | train examples/s (batch {args.batch}, {precision}) | constrained beam {args.beam} / top-{args.top_k}, users/s |")
     print("|---|---:|---:|---:|")
     print(f"| ours, paper layout (Tiger) | {counts['ours']:.2f}M | {train_rate['ours']:.1f} | {decode_rate['ours']:.1f} |")
     print(f"| ours, decoder-only (TigerLM, 20 targets per window) | {counts['lm']:.2f}M | {train_rate['lm']:.1f} | |")
     print(f"| ours, item stream (TigerItemLM, 20 targets per window) | {counts['item']:.2f}M | {train_rate['item']:.1f} | |")
     print(f"| transformers T5ForConditionalGeneration | {counts['hf']:.2f}M | {train_rate['hf']:.1f} | {decode_rate['hf']:.1f} |")
-    print(json.dumps({k: results[k] for k in ("train_ratio", "train_ratio_lm", "train_ratio_item", "decode_ratio",
+    print(json.dumps({k: results[k] for k in ("train_precision", "train_ratio", "train_ratio_lm", "train_ratio_item", "decode_ratio",
                                                "exact_top10_ours", "exact_top10_hf")}))
     if args.out:
         out = pathlib.Path(args.out)
