@@ -15,7 +15,8 @@ one process and interleaved so that both see the same load:
 
 Both searches are exact when the beam covers the catalogue; on a catalogue of 15 items each one's top-10
 is checked against its own exhaustive ranking (`exact_top10_ours`, `exact_top10_hf`). `transformers` is a
-bench-only extra (bench/requirements-hf.txt), not a requirement of the repository.
+requirement of the repository since the text block (sentence-transformers); bench/requirements-hf.txt pins
+the same version.
 Prints a markdown table and one JSON line with `train_ratio` and `decode_ratio`.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def hf_t5(vocab: Vocabulary):
     try:
         from transformers import T5Config, T5ForConditionalGeneration
     except ImportError as error:
-        raise SystemExit("--compare-hf needs transformers: pip install -r bench/requirements-hf.txt") from error
+        raise SystemExit("--compare-hf needs transformers: pip install -r requirements.txt") from error
     config = T5Config(vocab_size=vocab.size, d_model=SIZES["embed_dim"], d_kv=SIZES["attn_dim"] // SIZES["n_heads"],
                       d_ff=SIZES["mlp_dim"], num_layers=4, num_decoder_layers=4, num_heads=SIZES["n_heads"],
                       dropout_rate=SIZES["dropout"], pad_token_id=PAD_TOKEN, eos_token_id=PAD_TOKEN,
