@@ -3,7 +3,7 @@
     python bench/bench_decoder.py                      # TIGER preset, batch 256, beam 20 / top-10, CPU
     python bench/bench_decoder.py --device cuda --eval-batch 1024
     python bench/bench_decoder.py --targets-per-window 10   # causal encoder, 10 targets per encoder pass
-    python bench/bench_decoder.py --compare-hf              # side by side with Hugging Face T5 (pip install -r bench/requirements-hf.txt)
+    python bench/bench_decoder.py --compare-hf              # side by side with Hugging Face T5 (transformers: requirements.txt)
     python bench/bench_decoder.py --compare-hf --bf16       # the same, every model trained under CPU bf16 autocast
 
 Synthetic inputs of the real shapes: semantic IDs (256, 256, 256, 8) for --items items (default the
@@ -77,6 +77,8 @@ def main() -> None:
                         help="with --compare-hf: train every model under CPU bf16 autocast (decoding stays float32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.bf16 and not args.compare_hf:
+        parser.error("--bf16 is a --compare-hf option (the plain bench times the trainer's own precision).")
     if args.compare_hf:
         if args.device != "cpu":
             parser.error("--compare-hf measures on the CPU only (pass --device cpu): its figures are labelled cpu.")

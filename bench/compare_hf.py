@@ -115,8 +115,9 @@ def compare(args) -> dict:
     lm_visible = torch.arange(1, HISTORY + 1).repeat(args.batch, 1)
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
 
-    # --bf16: every model's training forward under CPU bf16 autocast (like for like; our output heads and
-    # losses stay float32 inside it), decoding in float32
+    # --bf16: every model's training forward under CPU bf16 autocast, decoding in float32. Not quite like for
+    # like: our code heads and losses stay float32 inside it (modules/tiger.py level_logits), T5's lm_head runs
+    # in bf16 (its loss is float32)
     precision = "bf16 autocast" if getattr(args, "bf16", False) else "float32"
 
     def step(name, loss_fn):

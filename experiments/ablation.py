@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.artifacts import COLD_FILE, load_json, save_figure, save_json, save_text
+from experiments.artifacts import COLD_FILE, ArtifactError, load_json, save_figure, save_json, save_text
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def feature_sets(data_dir: Path, with_text: bool = False) -> dict[str, FeatureSe
     all_collab to all."""
     meta = ("tags", "genome") if (Path(data_dir) / "genome-scores.csv").is_file() else ("tags",)
     text = ("text",) if with_text else ()
-    # blocks in the pipeline's order (make pipeline: the preset's blocks, then text), so that `all` fuses
-    # exactly the pipeline's item matrix
+    # blocks in the pipeline's order (make pipeline: the preset's blocks, then text), so that with the ml_small
+    # and demo presets `all` fuses exactly the pipeline's item matrix (the ml25m preset leaves the genome out)
     return {s.name: s for s in (
         FeatureSet("genres_year", "genres+year", ("genres", "year")),
         FeatureSet("text", "+ tags/text" if with_text else "+ tags", ("genres", "year") + meta + text),
@@ -139,23 +139,25 @@ def summarise(results: dict[str, dict[int, dict]], sets: dict[str, FeatureSet]) 
     return summary
 
 
-# (with, without, what the difference measures): paired by seed, since seed s trains both cells' RQ-VAE and TIGER
-CONTRASTS = (("poster", "genres_year", "poster over genres+year"),
-             ("all", "text", "poster over genres+year+tags/text"),
-             ("text", "genres_year", "tags/text over genres+year"),
-             ("collab", "genres_year", "collab over genres+year"),
-             ("all_collab", "all", "collab over all"))
+# (with, without): paired by seed, since seed s trains both cells' RQ-VAE and TIGER
+CONTRASTS = (("poster", "genres_year"), ("all", "text"), ("text", "genres_year"), ("collab", "genres_year"),
+             ("all_collab", "all"))
 
 
 def contrasts(summary: dict) -> list[dict]:
-    """Per-seed differences (test and validation ndcg@10) of each CONTRASTS pair both present, with how many
-    seeds the difference is positive on: an effect whose sign holds across seeds is one that every seed shows."""
+    """Per-seed differences (test and validation ndcg@10) of each CONTRASTS pair present with seeds in common,
+    with how many seeds the difference is positive on: an effect whose sign holds across seeds is one that
+    every seed shows. The label names the blocks added and the set they are added to."""
     out = []
-    for with_, without, label in CONTRASTS:
+    for with_, without in CONTRASTS:
         if with_ not in summary or without not in summary:
             continue
         seeds = sorted(set(summary[with_]["per_seed"]) & set(summary[without]["per_seed"]), key=int)
-        row = {"with": with_, "without": without, "label": label, "seeds": [int(s) for s in seeds]}
+        if not seeds:
+            continue
+        added = [b for b in summary[with_]["blocks"] if b not in summary[without]["blocks"]]
+        row = {"with": with_, "without": without, "seeds": [int(s) for s in seeds],
+               "label": f"+{'+'.join(added)} over {', '.join(summary[without]['blocks'])}"}
         for column in ("ndcg@10", "valid ndcg@10"):
             if not all(column in summary[n]["per_seed"][s] for n in (with_, without) for s in seeds):
                 continue
@@ -167,28 +169,37 @@ def contrasts(summary: dict) -> list[dict]:
 
 def reference_sasrec(run: Path, seeds: list[int]) -> dict[int, dict]:
     """SASRec's metrics.json of each seed the run has one for (make pipeline: seed 0, make seeds: the others),
-    checked against the run's current interactions; {} where none exists."""
+    checked against the run's current interactions. Optional: a missing, stale or zero-ndcg result is left
+    out with a warning (the ablation's own table does not depend on it)."""
     from experiments.seeds import SOURCES, seed_folder
     from experiments.baselines import check_result_is_current
     found = {}
     for seed in seeds:
         path = seed_folder(run, seed) / SOURCES["sasrec"]
-        if path.is_file():
+        if not path.is_file():
+            continue
+        try:
             result = load_json(path, "experiments/07_train_baselines.py")
             check_result_is_current(result, path, run)
-            found[seed] = result
+        except ArtifactError as err:
+            log.warning("no SASRec reference for seed %d: %s", seed, err)
+            continue
+        if not result["test"]["ndcg@10"] > 0:
+            log.warning("no SASRec reference for seed %d: %s has test ndcg@10 0", seed, path)
+            continue
+        found[seed] = result
     return found
 
 
 def add_reference(summary: dict, sasrec: dict[int, dict]) -> None:
-    """Each set's test ndcg@10 as a fraction of SASRec's of the same seed (seeds both have), and SASRec's row."""
+    """SASRec's row, and each set's test ndcg@10 as a fraction of SASRec's of the same seed where SASRec has
+    every seed of the set."""
     if not sasrec:
         return
-    for row in summary.values():
-        common = [s for s in row["seeds"] if s in sasrec]
-        if common:
+    for row in feature_rows(summary).values():
+        if all(s in sasrec for s in row["seeds"]):
             row["extra"]["÷ SASRec ndcg@10"] = _stat([row["per_seed"][str(s)]["ndcg@10"] / sasrec[s]["test"]["ndcg@10"]
-                                                      for s in common])
+                                                      for s in row["seeds"]])
     seeds = sorted(sasrec)
     summary_sasrec = {"label": "SASRec-CE (reference)", "seeds": seeds,
                       "mean": {m: float(np.mean([sasrec[s]["test"][m] for s in seeds])) for m in METRICS},
@@ -268,12 +279,13 @@ def cold_plot(summary: dict, path: Path) -> None:
     save_figure(path, fig, dpi=120)
 
 
-def _cell(stat: dict) -> str:
-    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+def _cell(stat: dict, n: int = 2) -> str:
+    """mean ± std, or the value alone when it comes from one seed."""
+    return f"{stat['mean']:.4f}" if n == 1 else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
 
 
 def feature_rows(summary: dict) -> dict:
-    """The summary's feature-set rows (without the `_reference` entry)."""
+    """The summary's feature-set rows (without the `_reference` and `_contrasts` entries)."""
     return {k: v for k, v in summary.items() if not k.startswith("_")}
 
 
@@ -294,8 +306,9 @@ def markdown_table(summary: dict) -> str:
         lines.append(f"| {row['label']} | {', '.join(row['blocks'])} | " + " | ".join(cells) + " |")
     reference = summary.get("_reference", {}).get("sasrec")
     if reference:
-        cells = [_cell({"mean": reference["mean"][m], "std": reference["std"][m]}) for m in METRICS]
-        cells += [_cell(reference["extra"][c]) if c in reference["extra"] else "-" for c in extras]
+        n = len(reference["seeds"])
+        cells = [_cell({"mean": reference["mean"][m], "std": reference["std"][m]}, n) for m in METRICS]
+        cells += [_cell(reference["extra"][c], n) if c in reference["extra"] else "-" for c in extras]
         lines.append(f"| {reference['label']}, seeds {','.join(map(str, reference['seeds']))} | - | "
                      + " | ".join(cells) + " |")
     paired = contrasts(rows)
@@ -349,6 +362,7 @@ def run_ablation(run: Path, data: Path, poster_features: Path, set_names: list[s
         raise ValueError(f"unknown feature set(s) {unknown}; choose from {list(sets)}.")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
+    sasrec = reference_sasrec(run, seeds)  # before the cells: a warning about it comes first, not after hours
     for name in set_names:  # once per set, before any cell reads it
         fuse_set(run, data, poster_features, out, sets[name], rqvae_config, tmdb_details)
     cells = [(name, seed) for seed in seeds for name in set_names]
@@ -366,7 +380,7 @@ def run_ablation(run: Path, data: Path, poster_features: Path, set_names: list[s
     pool.shutdown()
     results = {name: dict(sorted(by_seed.items())) for name, by_seed in results.items()}
     summary = summarise(results, sets)
-    add_reference(summary, reference_sasrec(run, seeds))
+    add_reference(summary, sasrec)
     summary["_contrasts"] = contrasts(feature_rows(summary))
     save_json(out / "ablation.json", summary)
     save_text(out / "ablation.md", markdown_table(summary) + ("\n" + cold_markdown_table(summary)

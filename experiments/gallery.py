@@ -315,8 +315,10 @@ def user_strips(examples: list[UserExample], semantic_ids: np.ndarray, items: pd
 # The step
 # ----------------------------------------------------------------------------------------------------
 
-def load_decoder(decoder_dir: Path, run: Path):
-    """The best checkpoint of a train_decoder.py folder trained on `run`, its data, beam width and top_k."""
+def load_decoder(decoder_dir: Path, run: Path, rqvae_dir: Path):
+    """The best checkpoint of a train_decoder.py folder trained on `run`, its data, beam width, top_k and
+    whether it uses random IDs (its semantic IDs checked as current, against `rqvae_dir` where its recorded
+    folder does not resolve)."""
     from experiments.decoder_diagnostics import gin_value, load_trained
     try:
         model, data, trained_run = load_trained(decoder_dir)
@@ -326,9 +328,9 @@ def load_decoder(decoder_dir: Path, run: Path):
     if Path(trained_run).resolve() != run.resolve():
         raise artifacts.ArtifactError(f"{decoder_dir} was trained on the run folder {trained_run}, not {run}: "
                                       "pass --decoder with a decoder of this run.")
-    check_result_is_current(artifacts.load_json(decoder_dir / train_decoder.METRICS_FILE, "train_decoder.py"),
-                            decoder_dir / train_decoder.METRICS_FILE, run)
-    return model, data, int(beam_width), int(top_k)
+    metrics = artifacts.load_json(decoder_dir / train_decoder.METRICS_FILE, "train_decoder.py")
+    check_result_is_current(metrics, decoder_dir / train_decoder.METRICS_FILE, run, rqvae_dir)
+    return model, data, int(beam_width), int(top_k), metrics.get("semantic_ids") == "random"
 
 
 def make_gallery(run: str | Path, posters: str | Path, out: str | Path | None = None,
@@ -351,19 +353,21 @@ def make_gallery(run: str | Path, posters: str | Path, out: str | Path | None = 
     movie_ids = items["movieId"].to_numpy()
     rqvae_dir = Path(rqvae) if rqvae else run / "rqvae"
     semantic_ids, _ = train_decoder.load_semantic_ids(run, rqvae_dir, None, False, 0)
+    decoder_dir = Path(decoder) if decoder else run / "decoder"
+    if n_users:  # checked before anything is drawn, so that a refused gallery leaves no new image
+        model, data, run_beam, top_k, random_ids = load_decoder(decoder_dir, run, rqvae_dir)
+        if not np.array_equal(data.semantic_ids, semantic_ids):
+            fix = ("it uses random IDs (--random-ids), whose codes are no RQ-VAE's: pass a decoder trained on "
+                   "semantic IDs" if random_ids else f"pass --rqvae with the folder it was trained on "
+                   f"('semantic_ids' in its {train_decoder.METRICS_FILE})")
+            raise artifacts.ArtifactError(f"{decoder_dir} was trained on other semantic IDs than {rqvae_dir} holds: "
+                                          f"{fix}, so that the code and user images show the same codes.")
     shelf = PosterShelf(posters, movie_ids)
     groups = sample_codes(semantic_ids, n_codes, per_code, seed, code_order)
     report = {"run": str(run), "rqvae": str(rqvae_dir), "posters": str(posters), "seed": seed, "code_order": code_order,
               "codes": draw_strips(out / "codes.png", code_strips(groups, semantic_ids, items), shelf)}
     log.info("codes.png: %d codes", len(groups))
     if n_users:
-        decoder_dir = Path(decoder) if decoder else run / "decoder"
-        model, data, run_beam, top_k = load_decoder(decoder_dir, run)
-        if not np.array_equal(data.semantic_ids, semantic_ids):
-            raise artifacts.ArtifactError(
-                f"{decoder_dir} was trained on other semantic IDs than {rqvae_dir} holds: pass --rqvae with the "
-                f"folder it was trained on ('semantic_ids' in its {train_decoder.METRICS_FILE}), so that the "
-                "code and user images show the same codes.")
         beam_width = beam_width or run_beam
         trie = SemanticIdTrie(torch.as_tensor(data.semantic_ids), data.vocab.codebook_sizes)
         examples = rank_test_users(model, data, trie, sample_users(data.interactions.n_users, n_users, seed),

@@ -104,12 +104,14 @@ def iter_saved_ids(path: str | os.PathLike) -> Iterator[tuple[int, int, int]]:
 
     For resuming a download: on ML-25M with full credits the file holds gigabytes of JSON, which
     `iter_details` would decode in full. A line in `details_line`'s own shape (its head, a closing brace and a
-    newline) is read from its head; any other line is checked in full, with `iter_details`'s errors, and so
-    are duplicate movieIds. The responses themselves are checked where they are read (`load_tmdb_details`).
+    newline, one movieId) is read from its head; any other line is checked in full, with `iter_details`'s
+    errors, and so are duplicate movieIds. A response that is broken inside such a line (only a hand edit
+    makes one: the writer appends whole lines) counts as saved here and fails where the responses are read
+    (`load_tmdb_details`, naming the line).
     """
     def read_head(path: Path, line_no: int, raw: bytes) -> tuple[int, int, None]:
         head = _HEAD.match(raw)
-        if head and raw.endswith(b"}}\n"):
+        if head and raw.endswith(b"}}\n") and raw.count(b'"movieId": ') == 1:   # not two lines run together
             return int(head[1]), int(head[2]), None
         return _parse_line(path, line_no, raw)[:2] + (None,)
 

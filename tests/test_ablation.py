@@ -113,7 +113,9 @@ def test_paired_contrasts_count_the_seeds_where_the_block_helps():
     assert row["ndcg@10"]["mean"] == pytest.approx(0.003)
     table = markdown_table(summary)
     assert "| valid ndcg@10 | valid nll |" in table
-    assert "| poster over genres+year | +0.0030 ± 0.0044 | 2/3 |" in table
+    assert "| +poster over genres, year | +0.0030 ± 0.0044 | 2/3 |" in table
+    summary["genres_year"]["per_seed"] = {}            # no seed in common: no contrast, not a NaN
+    assert contrasts(summary) == []
 
 
 def test_sasrec_reference_row_and_ratio_from_the_runs_seed_folders(tmp_path, monkeypatch):
@@ -126,11 +128,20 @@ def test_sasrec_reference_row_and_ratio_from_the_runs_seed_folders(tmp_path, mon
     assert summary["_reference"]["sasrec"]["mean"]["ndcg@10"] == pytest.approx(0.055)
     table = markdown_table(summary)
     assert "| SASRec-CE (reference), seeds 0,1 | - | " in table and "÷ SASRec ndcg@10" in table
-    # the run's seed folders: seed 0 is RUN/baselines, seed s RUN/seed<s>/baselines, each checked as current
+    one_seed = summarise({"poster": {0: _decoder_metrics(0.03, 0.03), 1: _decoder_metrics(0.05, 0.05)}}, sets)
+    ablation.add_reference(one_seed, {0: sasrec[0]})      # SASRec lacks seed 1: no ratio; its row has no ±
+    assert "÷ SASRec ndcg@10" not in one_seed["poster"]["extra"]
+    assert "| SASRec-CE (reference), seeds 0 | - | 0.0600 | " in markdown_table(one_seed)
+    # the run's seed folders: seed 0 is RUN/baselines, seed s RUN/seed<s>/baselines, each checked as current;
+    # a stale one (here seed 2) or one with ndcg@10 0 (seed 3) is left out with a warning, not an error
     run = tmp_path / "run"
-    for folder in (run / "baselines" / "sasrec", run / "seed2" / "baselines" / "sasrec"):
+    for seed, ndcg in ((0, 0.06), (2, 0.05), (3, 0.0)):
+        folder = run / ("baselines" if seed == 0 else f"seed{seed}/baselines") / "sasrec"
         folder.mkdir(parents=True)
-        (folder / "metrics.json").write_text('{"n_test_users": 7}')
-    checked = []
-    monkeypatch.setattr("experiments.baselines.check_result_is_current", lambda r, p, d: checked.append(p))
-    assert sorted(ablation.reference_sasrec(run, [0, 1, 2])) == [0, 2] and len(checked) == 2
+        (folder / "metrics.json").write_text(f'{{"n_test_users": 7, "seed": {seed}, "test": {{"ndcg@10": {ndcg}}}}}')
+
+    def check(result, path, run_dir):
+        if result["seed"] == 2:
+            raise ablation.ArtifactError(f"{path} was trained on other interactions")
+    monkeypatch.setattr("experiments.baselines.check_result_is_current", check)
+    assert sorted(ablation.reference_sasrec(run, [0, 1, 2, 3])) == [0]

@@ -228,3 +228,16 @@ def test_codes_come_from_the_rqvae_folder_given_and_must_match_the_decoders(fini
         assert (shifted[rows, 0] == strip["code"]).all()
     with pytest.raises(artifacts.ArtifactError, match=r"trained on other semantic IDs than .*rqvae_other.*--rqvae"):
         gallery.make_gallery(run, posters, tmp_path / "g2", n_codes=2, per_code=3, n_users=2, rqvae=other)
+    assert not (tmp_path / "g2").exists()          # refused before anything was drawn
+
+
+def test_a_random_id_decoder_is_refused_with_its_own_reason(finished_run, tmp_path):
+    run, posters, _ = finished_run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_train(run, tmp_path / "decoder_random", DECODER + "train_decoder.random_ids = True\n")  # as --random-ids binds it
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(artifacts.ArtifactError, match=r"it uses random IDs \(--random-ids\).*trained on semantic IDs"):
+        gallery.make_gallery(run, posters, tmp_path / "g", decoder=tmp_path / "decoder_random", n_users=2)

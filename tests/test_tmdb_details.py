@@ -76,6 +76,15 @@ def test_resume_scan_reads_the_writers_heads_and_parses_other_lines_in_full(tmp_
         fh.write('{"tmdbId":70,"response":{"id":70},"movieId":7}\n')
     expected = [(n, m, t) for n, m, t, _ in iter_details(path)]
     assert list(iter_saved_ids(path)) == expected == [(1, 1, 862), (2, 5, 11862), (3, 3, 15602), (4, 7, 70)]
+    merged = path.read_bytes()[:40] + details_line(9, 90, {"id": 90})  # a torn line with a whole one behind it
+    path.write_bytes(path.read_bytes() + merged)
+    with pytest.raises(ArtifactError, match="line 5 is not valid JSON"):
+        list(iter_saved_ids(path))
+    broken = tmp_path / "broken.jsonl"   # broken inside, whole head and tail: saved for the scan, refused on load
+    broken.write_text(GOOD + '{"movieId": 2, "tmdbId": 8844, "response": {"id": }}\n', encoding="utf-8")
+    assert [m for _, m, _ in iter_saved_ids(broken)] == [1, 2]
+    with pytest.raises(ArtifactError, match="line 2 is not valid JSON"):
+        load_tmdb_details(broken)
     if REAL_DETAILS.is_file():   # the shared file is in the writer's shape: every line read from its head
         assert list(iter_saved_ids(REAL_DETAILS)) == [(n, m, t) for n, m, t, _ in iter_details(REAL_DETAILS)]
 
