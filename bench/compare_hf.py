@@ -85,6 +85,15 @@ def hf_exhaustive_top_k(model, src: torch.Tensor, item_tokens: torch.Tensor, top
     return scores.topk(top_k, dim=1).indices
 
 
+def example_gflop(loss_of_rows, rows: int = 4) -> float:
+    """GFLOP of forward + backward per example (torch's FlopCounterMode: matmuls and attention). The gradients it
+    leaves are cleared by the timed steps, which zero them before their backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        loss_of_rows(rows).backward()
+    return counter.get_total_flops() / rows / 1e9
+
+
 def timed(fn, repeats: int) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
@@ -133,6 +142,11 @@ def compare(args) -> dict:
              "lm": step("lm", lambda: lm.train()(src, lm_targets, lm_visible)),
              "item": step("item", lambda: item.train()(src, lm_targets, lm_visible)),
              "hf": step("hf", lambda: hf.train()(input_ids=src, attention_mask=(src != PAD_TOKEN).long(), labels=labels).loss)}
+    # the work of one paper-layout example, forward + backward, counted on 4 rows: equal work means the
+    # training rates compare the implementations, not the models
+    gflop = {"ours": example_gflop(lambda b: ours.train()(src[:b], target[:b])),
+             "hf": example_gflop(lambda b: hf.train()(input_ids=src[:b], attention_mask=(src[:b] != PAD_TOKEN).long(),
+                                                      labels=labels[:b]).loss)}
     seconds = {name: 0.0 for name in steps}
     for fn in steps.values():
         fn()  # warm-up
@@ -156,7 +170,8 @@ def compare(args) -> dict:
     exact = exactness_check(ours, hf, vocab, rng, args.beam, args.top_k)
 
     results = {"device": "cpu", "threads": args.threads, "load_average": os.getloadavg(), "batch": args.batch,
-               "train_precision": precision,
+               "train_precision": precision, "train_gflop_per_example": gflop,
+               "train_gflop_per_s": {name: gflop[name] * train_rate[name] for name in gflop},
                "parameters_m": counts, "train_examples_per_s": train_rate, "beam_users_per_s": decode_rate,
                "train_ratio": train_rate["ours"] / train_rate["hf"], "train_ratio_lm": train_rate["lm"] / train_rate["hf"],
                "train_ratio_item": train_rate["item"] / train_rate["hf"],
@@ -164,10 +179,12 @@ def compare(args) -> dict:
                "eval_batch": args.eval_batch, "items": args.items, "rounds": args.eval_repeats} | exact
     print(f"| model | parameters | train examples/s (batch {args.batch}, {precision}) | constrained beam {args.beam} / top-{args.top_k}, users/s |")
     print("|---|---:|---:|---:|")
-    print(f"| ours, paper layout (Tiger) | {counts['ours']:.2f}M | {train_rate['ours']:.1f} | {decode_rate['ours']:.1f} |")
+    print(f"| ours, paper layout (Tiger), {gflop['ours']:.3f} GFLOP per example | {counts['ours']:.2f}M | "
+          f"{train_rate['ours']:.1f} | {decode_rate['ours']:.1f} |")
     print(f"| ours, decoder-only (TigerLM, 20 targets per window) | {counts['lm']:.2f}M | {train_rate['lm']:.1f} | |")
     print(f"| ours, item stream (TigerItemLM, 20 targets per window) | {counts['item']:.2f}M | {train_rate['item']:.1f} | |")
-    print(f"| transformers T5ForConditionalGeneration | {counts['hf']:.2f}M | {train_rate['hf']:.1f} | {decode_rate['hf']:.1f} |")
+    print(f"| transformers T5ForConditionalGeneration, {gflop['hf']:.3f} GFLOP per example | {counts['hf']:.2f}M | "
+          f"{train_rate['hf']:.1f} | {decode_rate['hf']:.1f} |")
     print(json.dumps({k: results[k] for k in ("train_precision", "train_ratio", "train_ratio_lm", "train_ratio_item", "decode_ratio",
                                                "exact_top10_ours", "exact_top10_hf")}))
     if args.out:
