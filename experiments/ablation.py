@@ -327,22 +327,27 @@ def markdown_table(summary: dict) -> str:
 
 
 def bar_plot(summary: dict, path: Path) -> None:
-    """Grouped bars (recall@10, ndcg@10) per feature set with ±std error bars."""
+    """Grouped bars (recall@10, ndcg@10) per feature set with ±std error bars, and SASRec's means as dashed
+    lines when the summary has its reference."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    reference = summary.get("_reference", {}).get("sasrec")
     summary = feature_rows(summary)
     labels = [row["label"] for row in summary.values()]
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 2, 3.6))
     for offset, metric in ((-0.2, "recall@10"), (0.2, "ndcg@10")):
-        ax.bar(x + offset, [r["mean"][metric] for r in summary.values()], 0.4,
-               yerr=[r["std"][metric] for r in summary.values()], capsize=3, label=metric)
+        bars = ax.bar(x + offset, [r["mean"][metric] for r in summary.values()], 0.4,
+                      yerr=[r["std"][metric] for r in summary.values()], capsize=3, label=metric)
+        if reference:
+            ax.axhline(reference["mean"][metric], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1,
+                       label=f"SASRec {metric}")
     ax.set_xticks(x, labels)
     ax.set_ylabel("test metric")
     ax.set_title("TIGER: does the poster block help?")
-    ax.legend()
+    ax.legend(fontsize=8)
     save_figure(path, fig, dpi=120)
 
 
