@@ -326,6 +326,36 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fusion_comparison(summaries: dict[str, dict], set_name: str) -> dict:
+    """One feature set under several fusions ({fusion: ablation.json summary}): per fusion the test and
+    validation ndcg@10 over seeds, and the adaptive fusion (any but 'concat') chosen by the higher mean
+    validation ndcg@10, as the protocol chooses; the test split plays no part in the choice."""
+    rows = {}
+    for fusion, summary in summaries.items():
+        if set_name not in summary:
+            raise ValueError(f"feature set {set_name!r} is not in the {fusion} ablation (it has {list(feature_rows(summary))}).")
+        row = summary[set_name]
+        rows[fusion] = {"seeds": row["seeds"], "test ndcg@10": {"mean": row["mean"]["ndcg@10"], "std": row["std"]["ndcg@10"]},
+                        **{c: row["extra"][c] for c in ("untied ndcg@10", "valid ndcg@10", "÷ SASRec ndcg@10")
+                           if c in row.get("extra", {})}}
+    adaptive = [f for f in rows if f != "concat" and "valid ndcg@10" in rows[f]]
+    chosen = max(adaptive, key=lambda f: rows[f]["valid ndcg@10"]["mean"]) if adaptive else None
+    return {"set": set_name, "fusions": rows, "chosen_adaptive": chosen}
+
+
+def fusion_markdown(comparison: dict) -> str:
+    columns = ["test ndcg@10", "untied ndcg@10", "valid ndcg@10", "÷ SASRec ndcg@10"]
+    rows = comparison["fusions"]
+    columns = [c for c in columns if all(c in r for r in rows.values())]
+    lines = [f"Feature set `{comparison['set']}` under each fusion, mean ± std over seeds; the adaptive fusion "
+             f"chosen on validation ndcg@10: **{comparison['chosen_adaptive']}**.", "",
+             "| fusion | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for fusion, row in rows.items():
+        lines.append(f"| {fusion} | {','.join(map(str, row['seeds']))} | "
+                     + " | ".join(_cell(row[c], len(row["seeds"])) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def bar_plot(summary: dict, path: Path) -> None:
     """Grouped bars (recall@10, ndcg@10) per feature set with ±std error bars, and SASRec's means as dashed
     lines when the summary has its reference."""

@@ -1,9 +1,14 @@
 """The ablation summary: feature sets follow the data, statistics and table are right."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from experiments.ablation import contrasts, feature_sets, markdown_table, run_ablation, summarise
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_genome_joins_metadata_sets_only_when_present(tmp_path):
@@ -145,3 +150,39 @@ def test_sasrec_reference_row_and_ratio_from_the_runs_seed_folders(tmp_path, mon
             raise ablation.ArtifactError(f"{path} was trained on other interactions")
     monkeypatch.setattr("experiments.baselines.check_result_is_current", check)
     assert sorted(ablation.reference_sasrec(run, [0, 1, 2, 3])) == [0]
+
+
+def test_the_adaptive_fusion_is_chosen_on_validation_not_test(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+
+    from experiments.ablation import fusion_comparison
+
+    sets = feature_sets("/nonexistent")
+
+    def ablation_of(test, valid):
+        return summarise({"all": {s: _decoder_metrics(t, v) for s, (t, v) in enumerate(zip(test, valid))}}, sets)
+    summaries = {"concat": ablation_of([0.05, 0.05], [0.03, 0.03]),
+                 "gated": ablation_of([0.04, 0.04], [0.06, 0.05]),       # better on validation, worse on test
+                 "attention": ablation_of([0.07, 0.07], [0.04, 0.04])}   # the test split's favourite
+    comparison = fusion_comparison(summaries, "all")
+    assert comparison["chosen_adaptive"] == "gated"
+    assert comparison["fusions"]["gated"]["valid ndcg@10"]["mean"] == pytest.approx(0.055)
+    with pytest.raises(ValueError, match="feature set 'poster' is not in the concat ablation"):
+        fusion_comparison(summaries, "poster")
+    folders = []   # the CLI over ablation folders
+    for fusion, summary in summaries.items():
+        (tmp_path / fusion).mkdir()
+        (tmp_path / fusion / "ablation.json").write_text(json.dumps(summary))
+        folders.append(f"{fusion}={tmp_path / fusion}")
+    spec = importlib.util.spec_from_file_location("ablation_script", REPO / "experiments" / "09_ablation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["09_ablation.py", "--run", str(tmp_path), "--sets", "all", "--compare-fusions",
+                                      ",".join(folders), "--out", str(tmp_path / "out")])
+    script.main()
+    table = (tmp_path / "out" / "fusions.md").read_text()
+    assert "chosen on validation ndcg@10: **gated**" in table and "| attention | 0,1 | 0.0700 ± 0.0000 |" in table
+    monkeypatch.setattr(sys, "argv", ["09_ablation.py", "--run", str(tmp_path), "--sets", "all"])
+    with pytest.raises(SystemExit):   # training needs its configs and data
+        script.main()
