@@ -313,15 +313,16 @@ def markdown_table(summary: dict) -> str:
                      + " | ".join(cells) + " |")
     paired = contrasts(rows)
     if paired:
-        lines += ["", "Paired differences (same seed), mean ± std over seeds, and on how many seeds the difference "
-                  "is positive:", "", "| difference | test ndcg@10 | seeds > 0 | valid ndcg@10 | seeds > 0 |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["", "Paired differences (same seed): mean ± std over seeds, each seed's difference, and on how "
+                  "many seeds it is positive:", "",
+                  "| difference | test ndcg@10 | per seed | > 0 | valid ndcg@10 | per seed | > 0 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for row in paired:
             cells = []
             for column in ("ndcg@10", "valid ndcg@10"):
                 stat = row.get(column)
-                cells += ([f"{stat['mean']:+.4f} ± {stat['std']:.4f}", f"{stat['n_positive']}/{len(row['seeds'])}"]
-                          if stat else ["-", "-"])
+                cells += ([f"{stat['mean']:+.4f} ± {stat['std']:.4f}", " / ".join(f"{d:+.4f}" for d in stat["per_seed"]),
+                           f"{stat['n_positive']}/{len(row['seeds'])}"] if stat else ["-", "-", "-"])
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

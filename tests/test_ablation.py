@@ -118,7 +118,7 @@ def test_paired_contrasts_count_the_seeds_where_the_block_helps():
     assert row["ndcg@10"]["mean"] == pytest.approx(0.003)
     table = markdown_table(summary)
     assert "| valid ndcg@10 | valid nll |" in table
-    assert "| +poster over genres, year | +0.0030 ± 0.0044 | 2/3 |" in table
+    assert "| +poster over genres, year | +0.0030 ± 0.0044 | +0.0050 / -0.0020 / +0.0060 | 2/3 |" in table
     summary["genres_year"]["per_seed"] = {}            # no seed in common: no contrast, not a NaN
     assert contrasts(summary) == []
 
