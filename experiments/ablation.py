@@ -89,6 +89,9 @@ def run_cell(run: Path, out: Path, fset: FeatureSet, seed: int, rqvae_config: st
                 "--out", str(cell / "decoder"), "--gin_param", f"train_decoder.seed = {seed}"]
                + (["--threads", str(threads)] if threads else []))
     result = load_json(cell / "decoder" / "metrics.json", "train_decoder.py")
+    health = load_json(cell / "rqvae" / "health.json", "train_rqvae.py")
+    result = {**result, "semantic_ids_health": {k: health[k] for k in ("unique_fraction", "max_collision_group")
+                                                if k in health}}
     if (run / COLD_FILE).is_file():
         run_script([py, "experiments/11_cold_start.py", "--run", str(run), "--decoder", str(cell / "decoder"),
                     "--features", str(out / fset.name / "item_features"), "--models", "tiger,semantic_knn",
@@ -104,7 +107,8 @@ def _stat(values) -> dict:
 
 # columns beside the four test metrics, each read from a decoder's metrics.json where every seed reports it
 EXTRA_COLUMNS = {"untied ndcg@10": ("test", "untied", "ndcg@10"), "test nll": ("test", "nll"),
-                 "valid ndcg@10": ("valid", "ndcg@10"), "valid nll": ("valid", "nll")}
+                 "valid ndcg@10": ("valid", "ndcg@10"), "valid nll": ("valid", "nll"),
+                 "unique IDs": ("semantic_ids_health", "unique_fraction")}
 
 
 def _lookup(result: dict, keys: tuple[str, ...]):

@@ -49,6 +49,11 @@ def test_runner_fuses_each_set_once_before_the_cells_and_runs_seed_by_seed(tmp_p
     def fake_run(cmd):  # record the command; a decoder "writes" its metrics.json
         with lock:
             commands.append(cmd)
+        if cmd[1] == "train_rqvae.py":      # the RQ-VAE's health.json, which the summary reads its ID statistics from
+            out = tmp_path / cmd[cmd.index("--out") + 1]
+            out.mkdir(parents=True)
+            seed = int(cmd[cmd.index("--gin_param") + 1].split("=")[1])
+            (out / "health.json").write_text(json.dumps({"unique_fraction": 0.5 + seed / 10, "max_collision_group": 3}))
         if cmd[1] == "train_decoder.py":
             out = tmp_path / cmd[cmd.index("--out") + 1]
             out.mkdir(parents=True)
@@ -65,6 +70,7 @@ def test_runner_fuses_each_set_once_before_the_cells_and_runs_seed_by_seed(tmp_p
     decoders = [c for c in commands if c[1] == "train_decoder.py"]
     assert len(decoders) == 4 and all(c[c.index("--threads") + 1] == "1" for c in decoders)
     assert summary["all"]["mean"]["recall@10"] == pytest.approx(0.205)
+    assert summary["all"]["extra"]["unique IDs"]["mean"] == pytest.approx(0.55)
     assert (tmp_path / "abl" / "ablation.md").is_file() and (tmp_path / "abl" / "ablation.png").is_file()
     commands.clear()
     run_ablation(tmp_path / "run", tmp_path, tmp_path / "pf", ["genres_year", "all"], [0, 1], "r.gin", "d.gin",
