@@ -9,8 +9,9 @@ as trained and on four perturbations of it: another user's token, another user's
 the history in shuffled order. Writes OUT/diagnostics_<split>.json and .md: per input, the NLL of the
 target among all real items (`item_log_likelihood`), recall@10 and ndcg@10 of constrained beam search
 (seen items excluded), and for reference the NLL of most-popular and (when RUN/baselines/sasrec/best.pt
-exists) of SASRec on the same targets, and recall@10 of TIGER (as trained) and SASRec split by whether the
-target's timestamp ties with the previous event's. Runs on CPU in float32; holds the split's inputs 5
+exists) of SASRec on the same targets, recall@10 of TIGER (as trained) and SASRec split by whether the
+target's timestamp ties with the previous event's, and TIGER's ndcg@10 as a fraction of SASRec's with a
+95% paired bootstrap interval over the users (`modules.metrics.paired_bootstrap_ratio`, 10,000 resamples). Runs on CPU in float32; holds the split's inputs 5
 times in memory. A model that reads its input loses NLL when the history is replaced; one at popularity
 level does not.
 """
@@ -33,6 +34,7 @@ from modules.beam_search import SemanticIdTrie, beam_search, item_log_likelihood
 from modules.sequences import PAD_TOKEN
 
 log = logging.getLogger(__name__)
+RATIO_BAR = 0.8  # issue 11's check: TIGER's test ndcg@10 >= 0.8 of SASRec's; the report gives the resamples' share above it
 PERTURBATIONS = ("as trained", "another user's token", "another user's history", "no history", "shuffled history")
 
 
@@ -107,8 +109,10 @@ def load_trained(out_dir: Path) -> tuple[train_decoder.Tiger, train_decoder.Deco
 
 
 @torch.no_grad()
-def diagnose(model, data: train_decoder.DecoderData, split: str, beam_width: int, batch_size: int = 128) -> dict:
-    """NLL / recall@10 / ndcg@10 of every user's `split` target under each perturbation of its input."""
+def diagnose(model, data: train_decoder.DecoderData, split: str, beam_width: int,
+             batch_size: int = 128) -> tuple[dict, np.ndarray]:
+    """NLL / recall@10 / ndcg@10 of every user's `split` target under each perturbation of its input, and
+    the (U, 10) items TIGER ranks on the input as trained."""
     positions = data.valid_pos if split == "valid" else data.test_pos
     trie = SemanticIdTrie(torch.as_tensor(data.semantic_ids), data.vocab.codebook_sizes)
     targets = data.interactions.item_index[positions]
@@ -128,10 +132,11 @@ def diagnose(model, data: train_decoder.DecoderData, split: str, beam_width: int
         result[name] = {"nll": row["nll"] / len(positions), "recall@10": found["recall@10"],
                         "ndcg@10": found["ndcg@10"]}
     ties = timestamp_ties(data.interactions.timestamps, positions)
+    ranked = np.concatenate(rows["as trained"]["items"])
     return {"split": split, "n_users": len(positions), "beam_width": beam_width,
             "popularity_nll": train_decoder.popularity_nll(data, positions), "inputs": result,
             "ties": {"share": float(ties.mean()),
-                     "tiger": recall_by_tie(np.concatenate(rows["as trained"]["items"]), targets, ties)}}
+                     "tiger": recall_by_tie(ranked, targets, ties)}}, ranked
 
 
 def timestamp_ties(timestamps: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -150,8 +155,9 @@ def recall_by_tie(ranked: np.ndarray, targets: np.ndarray, ties: np.ndarray) -> 
             for group, mask in (("tie", ties), ("other", ~ties))}
 
 
-def add_sasrec(report: dict, run_dir: Path) -> None:
-    """SASRec's NLL and tie breakdown on the same targets, if the run has one (RUN/baselines/sasrec/best.pt)."""
+def add_sasrec(report: dict, run_dir: Path, tiger_ranked: np.ndarray, tiger_positions: np.ndarray) -> None:
+    """SASRec's NLL, tie breakdown and ndcg@10 against TIGER's (`tiger_ranked` (U, 10) on the targets at
+    `tiger_positions`) on the same targets, if the run has one (RUN/baselines/sasrec/best.pt)."""
     checkpoint = run_dir / "baselines" / "sasrec" / "best.pt"
     report["sasrec_nll"] = None
     if not checkpoint.is_file():
@@ -160,9 +166,19 @@ def add_sasrec(report: dict, run_dir: Path) -> None:
     interactions, _, loo = load_run(run_dir)
     nll, ranked = sasrec_scores(load_sasrec(checkpoint, interactions), interactions, loo, report["split"])
     positions = loo.valid_pos if report["split"] == "valid" else loo.test_pos
+    if not np.array_equal(positions, tiger_positions):
+        raise artifacts.ArtifactError(f"{checkpoint}: the run's {report['split']} targets are not the ones TIGER was "
+                                      "scored on (the run folder changed since training?): retrain on this run.")
+    targets = interactions.item_index[positions]
     report["sasrec_nll"] = nll
-    report["ties"]["sasrec"] = recall_by_tie(ranked, interactions.item_index[positions],
-                                             timestamp_ties(interactions.timestamps, positions))
+    report["ties"]["sasrec"] = recall_by_tie(ranked, targets, timestamp_ties(interactions.timestamps, positions))
+    tiger = ranking.per_user_metrics(tiger_ranked, targets)["ndcg@10"]
+    sasrec = ranking.per_user_metrics(ranked, targets)["ndcg@10"]
+    ratio, resampled = ranking.paired_bootstrap_ratio(tiger, sasrec)
+    report["ndcg10_vs_sasrec"] = {"tiger": float(tiger.mean()), "sasrec": float(sasrec.mean()), "ratio": ratio,
+                                  "ci95": np.percentile(resampled, [2.5, 97.5]).tolist(),
+                                  f"share_at_least_{RATIO_BAR}": float((resampled >= RATIO_BAR).mean()),
+                                  "n_resamples": len(resampled)}
 
 
 def markdown(report: dict, out_dir: Path) -> str:
@@ -182,6 +198,12 @@ def markdown(report: dict, out_dir: Path) -> str:
     lines += [f"| {model} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in (ties[model]["tie"],
                                                                                    ties[model]["other"])) + " |"
               for model in ("tiger", "sasrec") if model in ties]
+    versus = report.get("ndcg10_vs_sasrec")
+    if versus:
+        lines += ["", f"ndcg@10 (as trained): TIGER {versus['tiger']:.4f}, SASRec {versus['sasrec']:.4f}, ratio "
+                  f"{versus['ratio']:.2f} (95% paired bootstrap over the users {versus['ci95'][0]:.2f}-"
+                  f"{versus['ci95'][1]:.2f}; {100 * versus[f'share_at_least_{RATIO_BAR}']:.1f}% of "
+                  f"{versus['n_resamples']} resamples at or above {RATIO_BAR})."]
     return "\n".join(lines + [""])
 
 
@@ -197,8 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     model, data, run_dir = load_trained(out_dir)
-    report = diagnose(model, data, args.split, args.beam_width or gin_value("train_decoder.beam_width"))
-    add_sasrec(report, run_dir)
+    report, ranked = diagnose(model, data, args.split, args.beam_width or gin_value("train_decoder.beam_width"))
+    add_sasrec(report, run_dir, ranked, data.valid_pos if args.split == "valid" else data.test_pos)
     gin.clear_config()
     artifacts.save_json(out_dir / f"diagnostics_{args.split}.json", report)
     artifacts.save_text(out_dir / f"diagnostics_{args.split}.md", markdown(report, out_dir))

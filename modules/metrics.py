@@ -91,6 +91,29 @@ def ranking_metrics(ranked: ArrayLike, targets: ArrayLike, ks: Sequence[int] = D
     return {name: float(values.mean()) for name, values in per_user.items()}
 
 
+def paired_bootstrap_ratio(a: ArrayLike, b: ArrayLike, n_resamples: int = 10_000,
+                           seed: int = 0) -> tuple[float, np.ndarray]:
+    """mean(a) / mean(b) of two models' per-user metrics on the same users, and that ratio over
+    `n_resamples` paired bootstrap resamples of the users (each resample draws users with replacement and
+    keeps both models' values of each drawn user together).
+
+    a, b: (U,) per-user values (e.g. `per_user_metrics(...)["ndcg@10"]` of two models), user-aligned.
+    Returns (ratio, (n_resamples,) float64 resampled ratios); a resample whose mean(b) is 0 gives inf or NaN.
+    """
+    a, b = _as_numpy(a).astype(np.float64), _as_numpy(b).astype(np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"paired values need two (U,) arrays of the same users, got shapes {a.shape} and {b.shape}.")
+    if b.mean() == 0:
+        raise ValueError("the reference model's mean is 0: the ratio is undefined.")
+    rng, ratios = np.random.default_rng(seed), np.empty(n_resamples)
+    chunk = max(1, 2 ** 22 // len(a))  # resamples drawn at once: ~32 MiB of indices, whatever the user count
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for start in range(0, n_resamples, chunk):
+            rows = rng.integers(0, len(a), (min(chunk, n_resamples - start), len(a)))
+            ratios[start:start + len(rows)] = a[rows].mean(1) / b[rows].mean(1)
+    return float(a.mean() / b.mean()), ratios
+
+
 def with_untied(ranked: ArrayLike, targets: ArrayLike, untied: ArrayLike, ks: Sequence[int] = DEFAULT_KS) -> dict:
     """`ranking_metrics` over all users, plus "untied": the same over the users whose `untied` (U,) bool is
     True (their target's timestamp differs from the previous event's), with their count "n_users"

@@ -90,3 +90,19 @@ def test_missing_checkpoint_is_named(tmp_path):
     (out / "best.pt").unlink()
     with pytest.raises(artifacts.ArtifactError, match="best.pt is missing"):
         decoder_diagnostics.main([str(out)])
+
+
+def test_with_a_sasrec_the_report_compares_ndcg_on_the_same_users(tmp_path):
+    from experiments import baselines
+    from tests.test_baselines import TINY_MODEL, TINY_TRAIN
+    run, out = make_run(tmp_path / "run"), tmp_path / "out"
+    tiger = run_train(run, out)
+    sasrec = baselines.train_sasrec(run, run / "baselines" / "sasrec", **TINY_TRAIN, model_config=TINY_MODEL)
+    versus = decoder_diagnostics.main([str(out), "--split", "test"])["ndcg10_vs_sasrec"]
+    # Both sides are each model's own test ndcg@10, so the ratio is theirs; the interval holds it.
+    assert versus["tiger"] == pytest.approx(tiger["test"]["ndcg@10"])
+    assert versus["sasrec"] == pytest.approx(sasrec["test"]["ndcg@10"])
+    assert versus["ratio"] == pytest.approx(versus["tiger"] / versus["sasrec"])
+    assert versus["ci95"][0] <= versus["ratio"] <= versus["ci95"][1] and versus["n_resamples"] == 10_000
+    assert 0.0 <= versus["share_at_least_0.8"] <= 1.0
+    assert "paired bootstrap" in (out / "diagnostics_test.md").read_text()

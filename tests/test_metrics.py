@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from modules.metrics import ranking_metrics, seen_mask, target_ranks, topk_unseen
+from modules.metrics import paired_bootstrap_ratio, ranking_metrics, seen_mask, target_ranks, topk_unseen
 
 
 def test_ranking_metrics_known_answer():
@@ -115,3 +115,27 @@ def test_untied_metrics_are_the_metrics_of_the_untied_users_only():
                                 "ndcg@10": 0.5 / np.log2(3), "n_users": 2}
     none = with_untied(ranked, targets, np.zeros(4, dtype=bool))["untied"]
     assert none["n_users"] == 0 and np.isnan(none["recall@10"])
+
+
+def test_paired_bootstrap_ratio_known_answers_and_errors():
+    rng = np.random.default_rng(0)
+    b = (rng.random(300) < 0.3) * rng.random(300)
+    # A model at exactly half the reference on every user: every paired resample gives 0.5.
+    ratio, resampled = paired_bootstrap_ratio(0.5 * b, b, n_resamples=500)
+    assert ratio == pytest.approx(0.5) and np.allclose(resampled[np.isfinite(resampled)], 0.5)
+    # Independent models: the interval holds the point estimate, pairing narrows it, the seed fixes it.
+    a = (rng.random(300) < 0.3) * rng.random(300)
+    ratio, resampled = paired_bootstrap_ratio(a, b, n_resamples=2000, seed=3)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    assert low < ratio < high and high - low > 0.1
+    assert np.array_equal(resampled, paired_bootstrap_ratio(a, b, n_resamples=2000, seed=3)[1])
+    correlated = 0.8 * b + 0.2 * a
+    c_low, c_high = np.percentile(paired_bootstrap_ratio(correlated, b, n_resamples=2000)[1], [2.5, 97.5])
+    assert c_high - c_low < (high - low) / 2
+    # Chunked drawing covers every resample (more resamples than one chunk holds at this user count).
+    many = paired_bootstrap_ratio(np.ones(2 ** 13), np.full(2 ** 13, 2.0), n_resamples=1100)[1]
+    assert len(many) == 1100 and np.allclose(many, 0.5)
+    with pytest.raises(ValueError, match="same users"):
+        paired_bootstrap_ratio(a, b[:-1])
+    with pytest.raises(ValueError, match="mean is 0"):
+        paired_bootstrap_ratio(a, np.zeros(300))
