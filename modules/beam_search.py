@@ -179,6 +179,15 @@ def exhaustive_item_scores(model: Tiger, src_tokens: torch.Tensor, semantic_ids:
 
     Costs B*N decoder passes; for tests and small catalogues only.
     """
+    return exhaustive_level_log_probs(model, src_tokens, semantic_ids, chunk_items).sum(2)
+
+
+@torch.no_grad()
+def exhaustive_level_log_probs(model: Tiger, src_tokens: torch.Tensor, semantic_ids: torch.Tensor,
+                               chunk_items: int = 4096) -> torch.Tensor:
+    """(B, N, L+1) teacher-forced log-prob of each level's code of every item's full ID (float32), each
+    level's softmax over its whole codebook; their sum is `exhaustive_item_scores`, and
+    `renormalise_over_trie` turns them into the trie-constrained distribution. Costs B*N decoder passes."""
     memory, keep = model.encode(src_tokens)
     batch, n_items = src_tokens.shape[0], semantic_ids.shape[0]
     columns = []
@@ -188,7 +197,7 @@ def exhaustive_item_scores(model: Tiger, src_tokens: torch.Tensor, semantic_ids:
         hidden = model.decode(memory, keep, targets[:, :-1])
         per_level = [model.level_logits(hidden[:, level], level).float().log_softmax(-1)
                      .gather(1, targets[:, level:level + 1]).squeeze(1) for level in range(ids.shape[1])]
-        columns.append(torch.stack(per_level, 1).sum(1).view(batch, len(ids)))
+        columns.append(torch.stack(per_level, 1).view(batch, len(ids), ids.shape[1]))
     return torch.cat(columns, dim=1)
 
 

@@ -114,6 +114,20 @@ def paired_bootstrap_ratio(a: ArrayLike, b: ArrayLike, n_resamples: int = 10_000
     return float(a.mean() / b.mean()), ratios
 
 
+def paired_summary(a: ArrayLike, b: ArrayLike) -> dict:
+    """Means, standard errors of the means (sample std / sqrt(U)) and the Pearson correlation of two models'
+    per-user metrics on the same users (a, b: (U,), user-aligned, U >= 2). The correlation is NaN when either
+    model gives every user the same value (it is undefined there), never a silent 0."""
+    a, b = _as_numpy(a).astype(np.float64), _as_numpy(b).astype(np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
+        raise ValueError(f"paired values need two (U,) arrays of the same users, U >= 2, got shapes {a.shape} "
+                         f"and {b.shape}.")
+    constant = np.ptp(a) == 0 or np.ptp(b) == 0  # exact: a constant array's std can round to ~1e-17
+    return {"mean": (float(a.mean()), float(b.mean())),
+            "standard_error": tuple(float(v.std(ddof=1) / np.sqrt(len(v))) for v in (a, b)),
+            "correlation": float("nan") if constant else float(np.corrcoef(a, b)[0, 1])}
+
+
 def with_untied(ranked: ArrayLike, targets: ArrayLike, untied: ArrayLike, ks: Sequence[int] = DEFAULT_KS) -> dict:
     """`ranking_metrics` over all users, plus "untied": the same over the users whose `untied` (U,) bool is
     True (their target's timestamp differs from the previous event's), with their count "n_users"

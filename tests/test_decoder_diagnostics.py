@@ -1,6 +1,8 @@
 """Decoder input diagnostics: the perturbations, and agreement with train_decoder's own validation."""
 import json
+import math
 
+import gin
 import numpy as np
 import pytest
 
@@ -98,11 +100,54 @@ def test_with_a_sasrec_the_report_compares_ndcg_on_the_same_users(tmp_path):
     run, out = make_run(tmp_path / "run"), tmp_path / "out"
     tiger = run_train(run, out)
     sasrec = baselines.train_sasrec(run, run / "baselines" / "sasrec", **TINY_TRAIN, model_config=TINY_MODEL)
-    versus = decoder_diagnostics.main([str(out), "--split", "test"])["ndcg10_vs_sasrec"]
+    report = decoder_diagnostics.main([str(out), "--split", "test"])
+    versus = report["ndcg10_vs_sasrec"]
     # Both sides are each model's own test ndcg@10, so the ratio is theirs; the interval holds it.
     assert versus["tiger"] == pytest.approx(tiger["test"]["ndcg@10"])
     assert versus["sasrec"] == pytest.approx(sasrec["test"]["ndcg@10"])
     assert versus["ratio"] == pytest.approx(versus["tiger"] / versus["sasrec"])
     assert versus["ci95"][0] <= versus["ratio"] <= versus["ci95"][1] and versus["n_resamples"] == 10_000
     assert 0.0 <= versus["share_at_least_0.8"] <= 1.0
-    assert "paired bootstrap" in (out / "diagnostics_test.md").read_text()
+    # Standard errors of the two per-user ndcg@10 means (paired_summary's known answers: tests/test_metrics.py):
+    # a per-user ndcg in [0, 1] with mean m has a standard error of at most sqrt(m (1 - m) / (U - 1)).
+    for model in ("tiger", "sasrec"):
+        mean, se = versus[model], versus["standard_error"][model]
+        assert (se > 0) == (mean > 0) and se <= math.sqrt(mean * (1 - mean) / (report["n_users"] - 1)) + 1e-12
+    assert -1.0 <= versus["per_user_correlation"] <= 1.0
+    text = (out / "diagnostics_test.md").read_text()
+    assert "paired bootstrap" in text and "standard error" in text
+
+
+def test_exact_ranking_matches_a_beam_that_covers_the_catalogue(tmp_path):
+    run, out = make_run(tmp_path / "run", n_items=40), tmp_path / "out"
+    run_train(run, out)
+    # A beam as wide as the 40-item catalogue keeps every item: its top 10 is the exact raw ranking's.
+    found = decoder_diagnostics.main([str(out), "--beam-width", "40", "--exact"])
+    exact = found["exact_ranking"]
+    assert list(exact) == ["raw", "renormalised"]
+    assert exact["raw"]["recall@10"] == pytest.approx(found["inputs"]["as trained"]["recall@10"])
+    assert exact["raw"]["ndcg@10"] == pytest.approx(found["inputs"]["as trained"]["ndcg@10"])
+    assert all(0.0 <= m["ndcg@10"] <= m["recall@10"] <= 1.0 for m in exact.values())
+    assert "| renormalised |" in (out / "diagnostics_valid.md").read_text()
+    assert "exact_ranking" not in decoder_diagnostics.main([str(out)])  # only when asked
+
+
+def test_exact_scores_renormalised_is_the_trie_constrained_likelihood(tmp_path):
+    import torch
+    from modules.beam_search import SemanticIdTrie, item_log_likelihood
+    run, out = make_run(tmp_path / "run", n_items=40), tmp_path / "out"
+    run_train(run, out)
+    model, data, _ = decoder_diagnostics.load_trained(out)
+    gin.clear_config()  # load_trained leaves the run's config parsed
+    positions = data.valid_pos[:6]
+    src, semantic_ids = torch.as_tensor(data.encoder_inputs(positions)), torch.as_tensor(data.semantic_ids)
+    trie = SemanticIdTrie(semantic_ids, data.vocab.codebook_sizes)
+    with torch.no_grad():
+        scores = decoder_diagnostics.exact_scores(model, src, semantic_ids, trie)
+        target_ll = item_log_likelihood(model, src, torch.as_tensor(data.target_codes(positions)), trie)
+    targets = torch.as_tensor(data.interactions.item_index[positions]).long()
+    # A distribution over the catalogue for every input, whose value at the target is item_log_likelihood's;
+    # the raw sum (a softmax over whole code slices, which also covers IDs that do not exist) stays below it.
+    assert torch.allclose(scores["renormalised"].exp().sum(1), torch.ones(len(positions)), atol=1e-5)
+    assert torch.allclose(scores["renormalised"].gather(1, targets[:, None]).squeeze(1), target_ll, atol=1e-5)
+    assert (scores["raw"] <= scores["renormalised"] + 1e-5).all()

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from modules.metrics import paired_bootstrap_ratio, ranking_metrics, seen_mask, target_ranks, topk_unseen
+from modules.metrics import (paired_bootstrap_ratio, paired_summary, ranking_metrics, seen_mask, target_ranks,
+                            topk_unseen)
 
 
 def test_ranking_metrics_known_answer():
@@ -139,3 +140,24 @@ def test_paired_bootstrap_ratio_known_answers_and_errors():
         paired_bootstrap_ratio(a, b[:-1])
     with pytest.raises(ValueError, match="mean is 0"):
         paired_bootstrap_ratio(a, np.zeros(300))
+
+
+def test_paired_summary_known_answers_and_errors():
+    # Orthogonal patterns: equal means, standard error std(ddof=1) / sqrt(4) = sqrt(1/3) / 2, correlation 0.
+    out = paired_summary(np.array([0.0, 1.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0, 0.0]))
+    assert out["mean"] == (0.5, 0.5)
+    assert out["standard_error"] == pytest.approx((math.sqrt(1 / 3) / 2,) * 2)
+    assert out["correlation"] == pytest.approx(0.0, abs=1e-12)
+    # A rescaled copy correlates at 1 and its standard error scales with it; a mirrored one at -1.
+    b = np.array([0.1, 0.0, 0.4, 0.3, 0.0])
+    same = paired_summary(2 * b, b)
+    assert same["correlation"] == pytest.approx(1.0)
+    assert same["standard_error"][0] == pytest.approx(2 * same["standard_error"][1])
+    assert paired_summary(-b, b)["correlation"] == pytest.approx(-1.0)
+    # A model that gives every user the same value: the correlation is undefined, said as NaN.
+    assert math.isnan(paired_summary(np.zeros(5), b)["correlation"])
+    assert math.isnan(paired_summary(np.full(7, 0.1), np.arange(7.0))["correlation"])  # std rounds to ~1e-17
+    with pytest.raises(ValueError, match="same users"):
+        paired_summary(b, b[:-1])
+    with pytest.raises(ValueError, match="U >= 2"):
+        paired_summary(b[:1], b[:1])
