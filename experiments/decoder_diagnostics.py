@@ -111,12 +111,17 @@ def load_trained(out_dir: Path) -> tuple[train_decoder.Tiger, train_decoder.Deco
     return model.eval(), data, Path(folders["run_dir"])
 
 
+def split_positions(split_data, split: str) -> np.ndarray:
+    """The `split` ("valid" or "test") target positions of a DecoderData or a leave-one-out split."""
+    return split_data.valid_pos if split == "valid" else split_data.test_pos
+
+
 @torch.no_grad()
 def diagnose(model, data: train_decoder.DecoderData, split: str, beam_width: int,
              batch_size: int = 128) -> tuple[dict, np.ndarray]:
     """NLL / recall@10 / ndcg@10 of every user's `split` target under each perturbation of its input, and
     the (U, 10) items TIGER ranks on the input as trained."""
-    positions = data.valid_pos if split == "valid" else data.test_pos
+    positions = split_positions(data, split)
     trie = SemanticIdTrie(torch.as_tensor(data.semantic_ids), data.vocab.codebook_sizes)
     targets = data.interactions.item_index[positions]
     inputs = perturbed_inputs(data.encoder_inputs(positions), data.vocab.n_levels)  # users swap across the split
@@ -159,7 +164,7 @@ def exact_ranking(model, data: train_decoder.DecoderData, split: str, batch_size
     slice (what beam search ranks by), and "renormalised", each level restricted to the codes that exist
     below the item's prefix (`renormalise_over_trie`: the log-probability under trie-constrained generation).
     Costs U x N decoder passes: minutes for ml-latest-small, not meant for ML-25M's catalogue."""
-    positions = data.valid_pos if split == "valid" else data.test_pos
+    positions = split_positions(data, split)
     semantic_ids = torch.as_tensor(data.semantic_ids)
     trie = SemanticIdTrie(semantic_ids, data.vocab.codebook_sizes)
     items = {name: [] for name in EXACT_SCORINGS}
@@ -170,8 +175,7 @@ def exact_ranking(model, data: train_decoder.DecoderData, split: str, batch_size
         for name in EXACT_SCORINGS:
             items[name].append(scores[name].masked_fill(seen, float("-inf")).topk(10, dim=1).indices.numpy())
     targets = data.interactions.item_index[positions]
-    return {name: {k: v for k, v in ranking.ranking_metrics(np.concatenate(found), targets).items()
-                   if k in ("recall@10", "ndcg@10")} for name, found in items.items()}
+    return {name: ranking.ranking_metrics(np.concatenate(found), targets, ks=(10,)) for name, found in items.items()}
 
 
 def timestamp_ties(timestamps: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -200,7 +204,7 @@ def add_sasrec(report: dict, run_dir: Path, tiger_ranked: np.ndarray, tiger_posi
         return
     interactions, _, loo = load_run(run_dir)
     nll, ranked = sasrec_scores(load_sasrec(checkpoint, interactions), interactions, loo, report["split"])
-    positions = loo.valid_pos if report["split"] == "valid" else loo.test_pos
+    positions = split_positions(loo, report["split"])
     if not np.array_equal(positions, tiger_positions):
         raise artifacts.ArtifactError(f"{checkpoint}: the run's {report['split']} targets are not the ones TIGER was "
                                       "scored on (the run folder changed since training?): retrain on this run.")
@@ -211,7 +215,7 @@ def add_sasrec(report: dict, run_dir: Path, tiger_ranked: np.ndarray, tiger_posi
     sasrec = ranking.per_user_metrics(ranked, targets)["ndcg@10"]
     ratio, resampled = ranking.paired_bootstrap_ratio(tiger, sasrec)
     summary = ranking.paired_summary(tiger, sasrec)
-    report["ndcg10_vs_sasrec"] = {"tiger": float(tiger.mean()), "sasrec": float(sasrec.mean()), "ratio": ratio,
+    report["ndcg10_vs_sasrec"] = {**dict(zip(("tiger", "sasrec"), summary["mean"])), "ratio": ratio,
                                   "standard_error": dict(zip(("tiger", "sasrec"), summary["standard_error"])),
                                   "per_user_correlation": summary["correlation"],
                                   "ci95": np.percentile(resampled, [2.5, 97.5]).tolist(),
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(args.out)
     model, data, run_dir = load_trained(out_dir)
     report, ranked = diagnose(model, data, args.split, args.beam_width or gin_value("train_decoder.beam_width"))
-    add_sasrec(report, run_dir, ranked, data.valid_pos if args.split == "valid" else data.test_pos)
+    add_sasrec(report, run_dir, ranked, split_positions(data, args.split))
     if args.exact:
         report["exact_ranking"] = exact_ranking(model, data, args.split)
     gin.clear_config()
